@@ -1,0 +1,69 @@
+//! Maps core errors to Poseidon's status codes and JSON error bodies.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use trident_core::Error;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub error_code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            error_code: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let message = e.to_string();
+        let (status, code) = match e {
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Error::EnvironmentNotFound(_) | Error::ExecutionNotFound(_) => {
+                (StatusCode::NOT_FOUND, None)
+            }
+            // 410, never 404: it is the client's only signal to claim a new runner.
+            Error::RunnerNotFound(_) => (StatusCode::GONE, None),
+            Error::Overloaded(_) => (StatusCode::INTERNAL_SERVER_ERROR, Some("NOMAD_OVERLOAD")),
+            Error::FileUnavailable(_) => (StatusCode::FAILED_DEPENDENCY, None),
+            Error::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("NOMAD_INTERNAL_SERVER_ERROR"),
+            ),
+        };
+        if status.is_server_error() {
+            tracing::error!(%message, "request failed");
+        }
+        ApiError {
+            status,
+            message,
+            error_code: code,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.error_code {
+            Some(code) => json!({ "message": self.message, "errorCode": code }),
+            None => json!({ "message": self.message }),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

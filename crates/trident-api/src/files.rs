@@ -1,0 +1,120 @@
+//! `/runners/{id}/files`: list, patch (delete then copy), raw download.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use trident_core::model::FileCopy;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{query_bool, JsonBody};
+use crate::AppState;
+
+fn check_path(path: &str) -> ApiResult<()> {
+    if path.contains('\0') {
+        return Err(ApiError::bad_request("paths may not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(runner_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    state.manager.runner(&runner_id)?;
+    let recursive = query_bool(&query, "recursive", true)?;
+    let privileged = query_bool(&query, "privilegedExecution", false)?;
+    let path = query.get("path").map(String::as_str).unwrap_or("./");
+    check_path(path)?;
+    let files = state
+        .manager
+        .list_files(&runner_id, path, recursive, privileged)
+        .await?;
+    Ok(Json(json!({ "files": files })))
+}
+
+#[derive(Deserialize)]
+pub struct PatchBody {
+    #[serde(default)]
+    delete: Option<Vec<String>>,
+    #[serde(default)]
+    copy: Option<Vec<CopyEntry>>,
+}
+
+#[derive(Deserialize)]
+pub struct CopyEntry {
+    path: String,
+    #[serde(default)]
+    content: Option<String>,
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    Path(runner_id): Path<String>,
+    JsonBody(body): JsonBody<PatchBody>,
+) -> ApiResult<StatusCode> {
+    state.manager.runner(&runner_id)?;
+    let delete = body.delete.unwrap_or_default();
+    for path in &delete {
+        check_path(path)?;
+    }
+    let mut copy = Vec::new();
+    for entry in body.copy.unwrap_or_default() {
+        check_path(&entry.path)?;
+        if entry.path.is_empty() {
+            return Err(ApiError::bad_request("a file to copy has an empty path"));
+        }
+        let content = entry.content.unwrap_or_default();
+        if let Err(e) = base64::engine::general_purpose::STANDARD.decode(&content) {
+            return Err(ApiError::bad_request(format!(
+                "the content of {} is not valid base64: {e}",
+                entry.path
+            )));
+        }
+        copy.push(FileCopy {
+            path: entry.path,
+            content_base64: content,
+        });
+    }
+    state.manager.patch_files(&runner_id, delete, copy).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Path(runner_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    state.manager.runner(&runner_id)?;
+    let privileged = query_bool(&query, "privilegedExecution", false)?;
+    let path = query
+        .get("path")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad_request("the query parameter path is required"))?;
+    check_path(path)?;
+    let file = state
+        .manager
+        .open_file(&runner_id, path, privileged)
+        .await?;
+    let filename = path.replace('\\', "\\\\").replace('"', "\\\"");
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.content));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, file.size.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,111 @@
+//! The seam between the core and an execution engine (the native sandbox today, Docker
+//! Engine hosts later). The core never touches processes, files or namespaces itself.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::model::{ExecutionEnvironment, FileCopy, FileHeader, MappedPort};
+
+pub type BackendResult<T> = std::result::Result<T, BackendError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The path cannot be listed or read inside the runner.
+    #[error("{0}")]
+    FileUnavailable(String),
+    /// The request is not possible as asked (e.g. a listing too large to return).
+    #[error("{0}")]
+    Invalid(String),
+    /// The sandbox itself is gone or broken.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the engine needs to know to make one runner.
+#[derive(Debug, Clone)]
+pub struct RunnerSpec {
+    pub runner_id: String,
+    pub environment: ExecutionEnvironment,
+}
+
+/// How an execution ended, as the engine saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitOutcome {
+    /// Exit code; a death by signal n is 128 + n.
+    Exited(u8),
+    /// The runner's memory limit was hit and the kernel killed a process of this execution.
+    OomKilled,
+    /// The engine lost the execution.
+    Failed(String),
+}
+
+pub type ExitFuture = Pin<Box<dyn Future<Output = ExitOutcome> + Send>>;
+
+/// A started execution: its standard streams, its end, and a way to kill it.
+///
+/// `stdout` and `stderr` reach end-of-file once every process of the execution is gone, so a
+/// reader that drains both before reporting `exit` never loses output.
+pub struct BackendExecution {
+    pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    pub stdout: Box<dyn AsyncRead + Send + Unpin>,
+    pub stderr: Box<dyn AsyncRead + Send + Unpin>,
+    pub exit: ExitFuture,
+    /// Kills the whole process tree of the execution; the runner stays usable.
+    pub kill: Box<dyn FnOnce() + Send>,
+}
+
+/// What a client needs to know about a spec'd execution.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    pub command: String,
+    pub privileged: bool,
+    /// Complete environment additions (CODEOCEAN=true and the client's map).
+    pub environment: Vec<(String, String)>,
+}
+
+/// A file opened inside a runner, ready to stream out.
+pub struct FileDownload {
+    pub size: u64,
+    pub content: Box<dyn AsyncRead + Send + Unpin>,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Checks that runners can be made for this environment (e.g. that its image is known),
+    /// with a message a client can act on.
+    fn validate(&self, environment: &ExecutionEnvironment) -> std::result::Result<(), String>;
+
+    /// Makes a ready runner: its processes are started and it accepts work.
+    async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>>;
+
+    /// Removes whatever earlier lives of this server left behind (runners, cgroups, files).
+    async fn sweep(&self) -> BackendResult<()>;
+}
+
+/// One runner inside an engine.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    fn mapped_ports(&self) -> Vec<MappedPort> {
+        Vec::new()
+    }
+
+    async fn execute(&self, spec: ExecSpec) -> BackendResult<BackendExecution>;
+
+    async fn list_files(
+        &self,
+        path: &str,
+        recursive: bool,
+        privileged: bool,
+    ) -> BackendResult<Vec<FileHeader>>;
+
+    /// Deletes (recursively, errors ignored), then copies, in that order.
+    async fn patch_files(&self, delete: Vec<String>, copy: Vec<FileCopy>) -> BackendResult<()>;
+
+    async fn open_file(&self, path: &str, privileged: bool) -> BackendResult<FileDownload>;
+
+    /// Kills every process of the runner and frees everything it held. Idempotent.
+    async fn destroy(&self);
+}

@@ -1,0 +1,31 @@
+//! Errors of the core, each mapped to one status code by the front doors.
+
+use crate::model::EnvironmentId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("execution environment {0} does not exist")]
+    EnvironmentNotFound(EnvironmentId),
+    #[error("{0}: no runner found with this id")]
+    RunnerNotFound(String),
+    #[error("execution {0} does not exist or was already used")]
+    ExecutionNotFound(String),
+    /// No idle runner could be had in time; clients know this as `NOMAD_OVERLOAD`.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The file cannot be listed or read (missing, or no permission); HTTP 424.
+    #[error("file not found or insufficient permissions: {0}")]
+    FileUnavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}

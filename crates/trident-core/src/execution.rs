@@ -1,0 +1,171 @@
+//! Drives one execution: pumps its streams, enforces its time limit, and reports exactly one
+//! terminal message whatever happens (exit, time limit, runner gone, client gone).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::{BackendExecution, ExitOutcome};
+use crate::utf8::Utf8Chunker;
+
+/// The message a client reads; the WebSocket layer adds the leading `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecMessage {
+    Stdout(String),
+    Stderr(String),
+    Exit(u8),
+    Timeout,
+    Error(String),
+}
+
+impl ExecMessage {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            ExecMessage::Exit(_) | ExecMessage::Timeout | ExecMessage::Error(_)
+        )
+    }
+}
+
+/// Why a runner ended while executions may still run on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerEnd {
+    /// Deleted by a client, or its environment was removed.
+    Deleted,
+    InactivityTimeout,
+}
+
+/// Exact texts clients match on (CodeOcean maps the OOM one to "out of memory").
+pub const OOM_MESSAGE: &str = "the allocation was OOM Killed";
+pub const RUNNER_DELETED_MESSAGE: &str = "the allocation stopped as expected";
+pub const GENERIC_ERROR_MESSAGE: &str = "Error executing the request";
+
+/// A running execution as a front door sees it. Dropping it kills the execution.
+pub struct RunningExecution {
+    /// Output chunks, then exactly one terminal message, then the channel closes.
+    pub messages: mpsc::Receiver<ExecMessage>,
+    /// Bytes for the process's standard input.
+    pub stdin: mpsc::Sender<Vec<u8>>,
+}
+
+/// Output chunks in flight per execution; a slow client stalls the process instead of
+/// growing server memory.
+const MESSAGE_BUFFER: usize = 16;
+const READ_CHUNK: usize = 32 * 1024;
+
+pub(crate) fn spawn(
+    execution: BackendExecution,
+    time_limit: Option<Duration>,
+    runner_end: watch::Receiver<Option<RunnerEnd>>,
+) -> RunningExecution {
+    let (out_tx, out_rx) = mpsc::channel(MESSAGE_BUFFER);
+    let (in_tx, in_rx) = mpsc::channel(MESSAGE_BUFFER);
+    tokio::spawn(drive(execution, time_limit, runner_end, out_tx, in_rx));
+    RunningExecution {
+        messages: out_rx,
+        stdin: in_tx,
+    }
+}
+
+async fn drive(
+    execution: BackendExecution,
+    time_limit: Option<Duration>,
+    mut runner_end: watch::Receiver<Option<RunnerEnd>>,
+    out: mpsc::Sender<ExecMessage>,
+    mut stdin_rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let BackendExecution {
+        mut stdin,
+        stdout,
+        stderr,
+        exit,
+        kill,
+    } = execution;
+
+    // Output and the exit status are awaited together and all dropped at once when another
+    // branch wins, so nothing can be sent after the terminal message.
+    let finished = async {
+        let (outcome, (), ()) = tokio::join!(
+            exit,
+            pump(stdout, &out, ExecMessage::Stdout),
+            pump(stderr, &out, ExecMessage::Stderr)
+        );
+        outcome
+    };
+    let feed_stdin = async {
+        while let Some(bytes) = stdin_rx.recv().await {
+            if stdin.write_all(&bytes).await.is_err() {
+                break; // the process closed its input; keep running
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let limit = async {
+        match time_limit {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = async {
+        match runner_end.wait_for(|end| end.is_some()).await {
+            Ok(end) => *end,
+            // The runner was dropped without an end reason: treat as deleted.
+            Err(_) => Some(RunnerEnd::Deleted),
+        }
+    };
+
+    let terminal = tokio::select! {
+        outcome = finished => Some(match outcome {
+            ExitOutcome::Exited(code) => ExecMessage::Exit(code),
+            ExitOutcome::OomKilled => ExecMessage::Error(OOM_MESSAGE.into()),
+            ExitOutcome::Failed(reason) => {
+                tracing::warn!(%reason, "execution failed in the backend");
+                ExecMessage::Error(GENERIC_ERROR_MESSAGE.into())
+            }
+        }),
+        () = limit => {
+            kill();
+            Some(ExecMessage::Timeout)
+        }
+        end = ended => {
+            kill();
+            Some(match end {
+                Some(RunnerEnd::InactivityTimeout) => ExecMessage::Timeout,
+                _ => ExecMessage::Error(RUNNER_DELETED_MESSAGE.into()),
+            })
+        }
+        () = out.closed() => {
+            // The client went away: cancel, the runner stays usable.
+            kill();
+            None
+        }
+        () = feed_stdin => None,
+    };
+    if let Some(message) = terminal {
+        let _ = out.send(message).await;
+    }
+}
+
+async fn pump(
+    mut reader: Box<dyn AsyncRead + Send + Unpin>,
+    out: &mpsc::Sender<ExecMessage>,
+    wrap: fn(String) -> ExecMessage,
+) {
+    let mut chunker = Utf8Chunker::default();
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let text = chunker.push(&buf[..n]);
+        if !text.is_empty() && out.send(wrap(text)).await.is_err() {
+            return;
+        }
+    }
+    let rest = chunker.finish();
+    if !rest.is_empty() {
+        let _ = out.send(wrap(rest)).await;
+    }
+}

@@ -1,0 +1,18 @@
+//! The execution core of trident: execution environments, prewarmed runner pools,
+//! runners with inactivity timeouts and executions with time limits.
+//!
+//! This crate knows nothing about HTTP and makes no system calls of its own: it talks to an
+//! execution engine through the [`backend::Backend`] trait and persists through
+//! [`store::EnvironmentStore`]. Both front doors (the Poseidon API, later the GitLab runner API)
+//! drive the same [`manager::Manager`].
+
+pub mod backend;
+pub mod error;
+pub mod execution;
+pub mod manager;
+pub mod model;
+pub mod store;
+mod utf8;
+
+pub use error::{Error, Result};
+pub use manager::{Manager, ManagerConfig};

@@ -1,0 +1,662 @@
+//! The manager owns every environment, its prewarmed pool and every claimed runner.
+//!
+//! Invariants:
+//! - A runner is either idle in exactly one pool or used (in `State::used`), never both.
+//! - `Pool::creating` counts runner creations in flight; the pool is refilled until
+//!   `idle + creating == prewarmingPoolSize + waiting claims`.
+//! - Runners made for an older shape of the environment (`generation`) are never handed out.
+//! - The lock is never held across an await; the backend is always called without it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::backend::{Backend, BackendError, ExecSpec, FileDownload, RunnerSpec, Sandbox};
+use crate::error::{Error, Result};
+use crate::execution::{self, RunnerEnd, RunningExecution};
+use crate::model::{
+    EnvironmentId, EnvironmentStatistics, ExecutionEnvironment, ExecutionRequest, FileCopy,
+    FileHeader, MappedPort,
+};
+use crate::store::EnvironmentStore;
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// How long a claim waits for a runner being created when the pool is empty.
+    pub claim_wait: Duration,
+    /// Runner creations running at once over all environments.
+    pub max_concurrent_creations: usize,
+    /// Largest accepted `prewarmingPoolSize`.
+    pub max_pool_size: u32,
+    /// `/health` reports PREWARMING_POOL_DEPLETING when idle/poolSize falls below this (0 = off).
+    pub pool_depletion_threshold: f64,
+    /// Executions prepared but never connected are forgotten after this long.
+    pub pending_execution_ttl: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            claim_wait: Duration::from_secs(10),
+            max_concurrent_creations: 4,
+            max_pool_size: 1000,
+            pool_depletion_threshold: 0.0,
+            pending_execution_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    store: Arc<dyn EnvironmentStore>,
+    config: ManagerConfig,
+    state: Mutex<State>,
+    creation_slots: Semaphore,
+}
+
+#[derive(Default)]
+struct State {
+    pools: BTreeMap<EnvironmentId, Pool>,
+    used: HashMap<String, Arc<Runner>>,
+}
+
+struct Pool {
+    env: ExecutionEnvironment,
+    /// Bumped whenever the shape of runners changes; older runners are discarded.
+    generation: u64,
+    idle: VecDeque<Arc<Runner>>,
+    creating: u32,
+    waiting: u32,
+    used: u32,
+    /// After a failed creation, no new one starts before this instant.
+    retry_at: Option<Instant>,
+    consecutive_failures: u32,
+    available: Arc<Notify>,
+}
+
+/// A runner: one sandbox plus the bookkeeping the API needs.
+pub struct Runner {
+    pub id: String,
+    pub environment_id: EnvironmentId,
+    generation: u64,
+    sandbox: Box<dyn Sandbox>,
+    end: watch::Sender<Option<RunnerEnd>>,
+    activity: Mutex<Activity>,
+}
+
+struct Activity {
+    inactivity_timeout: Option<Duration>,
+    last: Instant,
+    pending: HashMap<String, (Instant, ExecutionRequest)>,
+}
+
+impl Runner {
+    fn touch(&self) {
+        self.activity.lock().unwrap().last = Instant::now();
+    }
+
+    fn expiry(&self) -> Option<Instant> {
+        let a = self.activity.lock().unwrap();
+        a.inactivity_timeout.map(|t| a.last + t)
+    }
+
+    pub fn mapped_ports(&self) -> Vec<MappedPort> {
+        self.sandbox.mapped_ports()
+    }
+}
+
+fn lock(inner: &Inner) -> MutexGuard<'_, State> {
+    inner
+        .state
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Manager {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        store: Arc<dyn EnvironmentStore>,
+        config: ManagerConfig,
+    ) -> Manager {
+        let slots = config.max_concurrent_creations.max(1);
+        Manager {
+            inner: Arc::new(Inner {
+                backend,
+                store,
+                config,
+                state: Mutex::new(State::default()),
+                creation_slots: Semaphore::new(slots),
+            }),
+        }
+    }
+
+    /// Loads the stored environments and starts filling their pools.
+    pub fn restore(&self) -> Result<usize> {
+        let envs = self
+            .inner
+            .store
+            .load_environments()
+            .map_err(Error::Internal)?;
+        let count = envs.len();
+        let mut state = lock(&self.inner);
+        for env in envs {
+            if let Err(reason) = self.inner.backend.validate(&env) {
+                tracing::warn!(id = env.id, %reason, "stored environment cannot make runners now");
+            }
+            let id = env.id;
+            state.pools.insert(id, Pool::new(env));
+            self.inner.reconcile(&mut state, id);
+        }
+        Ok(count)
+    }
+
+    // ---- environments ------------------------------------------------------------------
+
+    pub fn environments(&self) -> Vec<ExecutionEnvironment> {
+        lock(&self.inner)
+            .pools
+            .values()
+            .map(|p| p.env.clone())
+            .collect()
+    }
+
+    pub fn environment(&self, id: EnvironmentId) -> Result<ExecutionEnvironment> {
+        lock(&self.inner)
+            .pools
+            .get(&id)
+            .map(|p| p.env.clone())
+            .ok_or(Error::EnvironmentNotFound(id))
+    }
+
+    /// Creates or replaces an environment; returns whether it was created. Runners are
+    /// replaced only when their shape (image, limits, network) changes; a new pool size
+    /// just resizes the pool, and used runners are never touched.
+    pub fn put_environment(&self, env: ExecutionEnvironment) -> Result<bool> {
+        self.validate_environment(&env)?;
+        let inner = &self.inner;
+        let mut state = lock(inner);
+        // Persist under the lock so concurrent PUTs of one id store in the order they apply.
+        inner
+            .store
+            .save_environment(&env)
+            .map_err(Error::Internal)?;
+        let id = env.id;
+        let created = match state.pools.get_mut(&id) {
+            Some(pool) => {
+                if !pool.env.same_runner_shape(&env) {
+                    pool.generation += 1;
+                    let stale: Vec<_> = pool.idle.drain(..).collect();
+                    for runner in stale {
+                        inner.destroy_in_background(runner, RunnerEnd::Deleted);
+                    }
+                    pool.retry_at = None;
+                    pool.consecutive_failures = 0;
+                }
+                pool.env = env;
+                false
+            }
+            None => {
+                state.pools.insert(id, Pool::new(env));
+                true
+            }
+        };
+        inner.reconcile(&mut state, id);
+        Ok(created)
+    }
+
+    fn validate_environment(&self, env: &ExecutionEnvironment) -> Result<()> {
+        if env.image.trim().is_empty() {
+            return Err(Error::BadRequest("image must not be empty".into()));
+        }
+        if env.prewarming_pool_size > self.inner.config.max_pool_size {
+            return Err(Error::BadRequest(format!(
+                "prewarmingPoolSize {} is above this server's maximum of {}",
+                env.prewarming_pool_size, self.inner.config.max_pool_size
+            )));
+        }
+        if env.memory_limit == 0 {
+            return Err(Error::BadRequest(
+                "memoryLimit must be at least 1 (MB)".into(),
+            ));
+        }
+        if env.exposed_ports.contains(&0) {
+            return Err(Error::BadRequest(
+                "exposedPorts must be between 1 and 65535".into(),
+            ));
+        }
+        self.inner.backend.validate(env).map_err(Error::BadRequest)
+    }
+
+    /// Deletes an environment and destroys all its runners, idle and used.
+    pub fn delete_environment(&self, id: EnvironmentId) -> Result<()> {
+        let inner = &self.inner;
+        let mut state = lock(inner);
+        if !state.pools.contains_key(&id) {
+            return Err(Error::EnvironmentNotFound(id));
+        }
+        inner
+            .store
+            .delete_environment(id)
+            .map_err(Error::Internal)?;
+        let pool = state.pools.remove(&id).expect("checked above");
+        pool.available.notify_waiters();
+        let used: Vec<String> = state
+            .used
+            .iter()
+            .filter(|(_, r)| r.environment_id == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for runner in pool.idle {
+            inner.destroy_in_background(runner, RunnerEnd::Deleted);
+        }
+        for key in used {
+            if let Some(runner) = state.used.remove(&key) {
+                inner.destroy_in_background(runner, RunnerEnd::Deleted);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
+        lock(&self.inner)
+            .pools
+            .values()
+            .map(|p| EnvironmentStatistics {
+                id: p.env.id,
+                prewarming_pool_size: p.env.prewarming_pool_size,
+                idle_runners: p.idle.len() as u32,
+                used_runners: p.used,
+            })
+            .collect()
+    }
+
+    /// Environments whose pool is below the configured depletion threshold.
+    pub fn depleted_environments(&self) -> Vec<EnvironmentId> {
+        let threshold = self.inner.config.pool_depletion_threshold;
+        if threshold <= 0.0 {
+            return Vec::new();
+        }
+        lock(&self.inner)
+            .pools
+            .values()
+            .filter(|p| {
+                p.env.prewarming_pool_size > 0
+                    && (p.idle.len() as f64 / p.env.prewarming_pool_size as f64) < threshold
+            })
+            .map(|p| p.env.id)
+            .collect()
+    }
+
+    // ---- runners -----------------------------------------------------------------------
+
+    /// Hands out an idle runner of the environment, waiting up to `claim_wait` for one being
+    /// created when the pool is momentarily empty.
+    pub async fn claim_runner(
+        &self,
+        env_id: EnvironmentId,
+        inactivity_timeout: Duration,
+    ) -> Result<Arc<Runner>> {
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.config.claim_wait;
+        let mut registered = false;
+        let result = loop {
+            let notified = {
+                let mut state = lock(inner);
+                let Some(pool) = state.pools.get_mut(&env_id) else {
+                    break Err(Error::EnvironmentNotFound(env_id));
+                };
+                if let Some(runner) = pool.idle.pop_front() {
+                    pool.used += 1;
+                    if registered {
+                        pool.waiting -= 1;
+                        registered = false;
+                    }
+                    state.used.insert(runner.id.clone(), runner.clone());
+                    inner.reconcile(&mut state, env_id);
+                    break Ok(runner);
+                }
+                if !registered {
+                    pool.waiting += 1;
+                    registered = true;
+                    inner.reconcile(&mut state, env_id);
+                }
+                let pool = state.pools.get(&env_id).expect("present");
+                pool.available.clone().notified_owned()
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break Err(Error::Overloaded(format!(
+                    "no idle runner of execution environment {env_id} could be had in {:?}",
+                    inner.config.claim_wait
+                )));
+            }
+        };
+        if registered {
+            let mut state = lock(inner);
+            if let Some(pool) = state.pools.get_mut(&env_id) {
+                pool.waiting -= 1;
+                inner.reconcile(&mut state, env_id);
+            }
+        }
+        let runner = result?;
+        {
+            let mut activity = runner.activity.lock().unwrap();
+            activity.last = Instant::now();
+            activity.inactivity_timeout =
+                (!inactivity_timeout.is_zero()).then_some(inactivity_timeout);
+        }
+        if !inactivity_timeout.is_zero() {
+            tokio::spawn(inactivity_timer(Arc::downgrade(inner), runner.clone()));
+        }
+        Ok(runner)
+    }
+
+    /// A used runner by id, or 410's error.
+    pub fn runner(&self, id: &str) -> Result<Arc<Runner>> {
+        lock(&self.inner)
+            .used
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::RunnerNotFound(id.to_string()))
+    }
+
+    pub async fn delete_runner(&self, id: &str) -> Result<()> {
+        let runner = lock(&self.inner)
+            .used
+            .remove(id)
+            .ok_or_else(|| Error::RunnerNotFound(id.to_string()))?;
+        self.inner.release(&runner);
+        Inner::destroy(runner, RunnerEnd::Deleted).await;
+        Ok(())
+    }
+
+    pub async fn list_files(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        privileged: bool,
+    ) -> Result<Vec<FileHeader>> {
+        let runner = self.runner(id)?;
+        runner.touch();
+        runner
+            .sandbox
+            .list_files(path, recursive, privileged)
+            .await
+            .map_err(file_error)
+    }
+
+    pub async fn patch_files(
+        &self,
+        id: &str,
+        delete: Vec<String>,
+        copy: Vec<FileCopy>,
+    ) -> Result<()> {
+        let runner = self.runner(id)?;
+        runner.touch();
+        runner
+            .sandbox
+            .patch_files(delete, copy)
+            .await
+            .map_err(file_error)
+    }
+
+    pub async fn open_file(&self, id: &str, path: &str, privileged: bool) -> Result<FileDownload> {
+        let runner = self.runner(id)?;
+        runner.touch();
+        runner
+            .sandbox
+            .open_file(path, privileged)
+            .await
+            .map_err(file_error)
+    }
+
+    /// Stores an execution until its WebSocket connects; returns its id.
+    pub fn prepare_execution(&self, id: &str, request: ExecutionRequest) -> Result<String> {
+        let runner = self.runner(id)?;
+        let execution_id = uuid::Uuid::new_v4().to_string();
+        let ttl = self.inner.config.pending_execution_ttl;
+        let mut activity = runner.activity.lock().unwrap();
+        activity.pending.retain(|_, (at, _)| at.elapsed() < ttl);
+        activity
+            .pending
+            .insert(execution_id.clone(), (Instant::now(), request));
+        Ok(execution_id)
+    }
+
+    /// Checks that an execution can be started, before the WebSocket upgrade is accepted.
+    pub fn has_pending_execution(&self, id: &str, execution_id: &str) -> Result<()> {
+        let runner = self.runner(id)?;
+        let activity = runner.activity.lock().unwrap();
+        match activity.pending.get(execution_id) {
+            Some(_) => Ok(()),
+            None => Err(Error::ExecutionNotFound(execution_id.to_string())),
+        }
+    }
+
+    /// Starts a prepared execution (once). The WebSocket connect counts as activity.
+    pub async fn start_execution(&self, id: &str, execution_id: &str) -> Result<RunningExecution> {
+        let runner = self.runner(id)?;
+        let request = {
+            let mut activity = runner.activity.lock().unwrap();
+            activity.last = Instant::now();
+            activity
+                .pending
+                .remove(execution_id)
+                .map(|(_, r)| r)
+                .ok_or_else(|| Error::ExecutionNotFound(execution_id.to_string()))?
+        };
+        let mut environment = vec![("CODEOCEAN".to_string(), "true".to_string())];
+        environment.extend(request.environment);
+        let spec = ExecSpec {
+            command: request.command,
+            privileged: request.privileged,
+            environment,
+        };
+        let ended = runner.end.subscribe();
+        let started = runner.sandbox.execute(spec).await.map_err(|e| match e {
+            BackendError::Invalid(m) => Error::BadRequest(m),
+            other => Error::Internal(other.to_string()),
+        })?;
+        let limit = (request.time_limit > 0).then(|| Duration::from_secs(request.time_limit));
+        Ok(execution::spawn(started, limit, ended))
+    }
+
+    /// Destroys every runner (idle and used), for a clean shutdown.
+    pub async fn shutdown(&self) {
+        let runners: Vec<Arc<Runner>> = {
+            let mut state = lock(&self.inner);
+            let mut all: Vec<_> = state.used.drain().map(|(_, r)| r).collect();
+            for pool in state.pools.values_mut() {
+                pool.generation += 1; // creations in flight are discarded when they land
+                all.extend(pool.idle.drain(..));
+            }
+            all
+        };
+        let destroys = runners
+            .into_iter()
+            .map(|r| Inner::destroy(r, RunnerEnd::Deleted));
+        futures_join_all(destroys).await;
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}
+
+fn file_error(e: BackendError) -> Error {
+    match e {
+        BackendError::FileUnavailable(m) => Error::FileUnavailable(m),
+        BackendError::Invalid(m) => Error::BadRequest(m),
+        BackendError::Failed(m) => Error::Internal(m),
+    }
+}
+
+impl Pool {
+    fn new(env: ExecutionEnvironment) -> Pool {
+        Pool {
+            env,
+            generation: 0,
+            idle: VecDeque::new(),
+            creating: 0,
+            waiting: 0,
+            used: 0,
+            retry_at: None,
+            consecutive_failures: 0,
+            available: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl Inner {
+    /// Starts creations or destroys idle runners until the pool has what it should.
+    fn reconcile(self: &Arc<Self>, state: &mut State, env_id: EnvironmentId) {
+        let Some(pool) = state.pools.get_mut(&env_id) else {
+            return;
+        };
+        let want = pool.env.prewarming_pool_size as usize + pool.waiting as usize;
+        while pool.idle.len() > want {
+            let runner = pool.idle.pop_back().expect("non-empty");
+            self.destroy_in_background(runner, RunnerEnd::Deleted);
+        }
+        if pool.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        while pool.idle.len() + (pool.creating as usize) < want {
+            pool.creating += 1;
+            let generation = pool.generation;
+            let env = pool.env.clone();
+            tokio::spawn(self.clone().create_runner(env, generation));
+        }
+    }
+
+    async fn create_runner(self: Arc<Self>, env: ExecutionEnvironment, generation: u64) {
+        let env_id = env.id;
+        let permit = self.creation_slots.acquire().await;
+        let still_wanted = {
+            let state = lock(&self);
+            state
+                .pools
+                .get(&env_id)
+                .is_some_and(|p| p.generation == generation)
+        };
+        let created = if still_wanted {
+            let runner_id = format!("{env_id}-{}", uuid::Uuid::new_v4());
+            let spec = RunnerSpec {
+                runner_id: runner_id.clone(),
+                environment: env,
+            };
+            Some(self.backend.create_runner(spec).await.map(|sandbox| {
+                Arc::new(Runner {
+                    id: runner_id,
+                    environment_id: env_id,
+                    generation,
+                    sandbox,
+                    end: watch::channel(None).0,
+                    activity: Mutex::new(Activity {
+                        inactivity_timeout: None,
+                        last: Instant::now(),
+                        pending: HashMap::new(),
+                    }),
+                })
+            }))
+        } else {
+            None
+        };
+        drop(permit);
+
+        let mut state = lock(&self);
+        let Some(pool) = state.pools.get_mut(&env_id) else {
+            if let Some(Ok(runner)) = created {
+                self.destroy_in_background(runner, RunnerEnd::Deleted);
+            }
+            return;
+        };
+        pool.creating -= 1;
+        match created {
+            Some(Ok(runner)) if runner.generation == pool.generation => {
+                pool.consecutive_failures = 0;
+                pool.idle.push_back(runner);
+                pool.available.notify_waiters();
+            }
+            Some(Ok(runner)) => self.destroy_in_background(runner, RunnerEnd::Deleted),
+            Some(Err(e)) => {
+                pool.consecutive_failures += 1;
+                let backoff = Duration::from_millis(
+                    250u64 << pool.consecutive_failures.min(7), // 0.5 s .. 32 s
+                );
+                tracing::error!(env = env_id, error = %e, ?backoff, "creating a runner failed");
+                pool.retry_at = Some(Instant::now() + backoff);
+                let weak = Arc::downgrade(&self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(backoff).await;
+                    if let Some(inner) = weak.upgrade() {
+                        let mut state = lock(&inner);
+                        if let Some(pool) = state.pools.get_mut(&env_id) {
+                            pool.retry_at = None;
+                        }
+                        inner.reconcile(&mut state, env_id);
+                    }
+                });
+                return;
+            }
+            None => {}
+        }
+        self.reconcile(&mut state, env_id);
+    }
+
+    /// Bookkeeping when a used runner leaves: its pool counts one fewer.
+    fn release(&self, runner: &Runner) {
+        let mut state = lock(self);
+        if let Some(pool) = state.pools.get_mut(&runner.environment_id) {
+            pool.used = pool.used.saturating_sub(1);
+        }
+    }
+
+    fn destroy_in_background(&self, runner: Arc<Runner>, why: RunnerEnd) {
+        tokio::spawn(Inner::destroy(runner, why));
+    }
+
+    async fn destroy(runner: Arc<Runner>, why: RunnerEnd) {
+        runner.end.send_replace(Some(why));
+        runner.sandbox.destroy().await;
+        tracing::debug!(runner = %runner.id, ?why, "runner destroyed");
+    }
+}
+
+/// Destroys the runner once it has seen no activity for its inactivity timeout.
+async fn inactivity_timer(inner: std::sync::Weak<Inner>, runner: Arc<Runner>) {
+    let mut ended = runner.end.subscribe();
+    loop {
+        let Some(expiry) = runner.expiry() else {
+            return;
+        };
+        let now = Instant::now();
+        if expiry <= now {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(expiry - now) => {}
+            _ = ended.wait_for(|e| e.is_some()) => return,
+        }
+    }
+    let Some(inner) = inner.upgrade() else { return };
+    let removed = lock(&inner).used.remove(&runner.id);
+    if let Some(runner) = removed {
+        tracing::info!(runner = %runner.id, "inactivity timeout: destroying runner");
+        inner.release(&runner);
+        Inner::destroy(runner, RunnerEnd::InactivityTimeout).await;
+    }
+}

@@ -1,0 +1,85 @@
+//! The data model shared by every front door and backend.
+
+use serde::{Deserialize, Serialize};
+
+pub type EnvironmentId = u64;
+
+/// A template for runners, exactly the Poseidon `ExecutionEnvironment` schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionEnvironment {
+    pub id: EnvironmentId,
+    pub image: String,
+    pub prewarming_pool_size: u32,
+    /// CPU limit of one runner in MHz.
+    pub cpu_limit: u32,
+    /// Memory limit of one runner in MB.
+    pub memory_limit: u32,
+    pub network_access: bool,
+    pub exposed_ports: Vec<u16>,
+}
+
+impl ExecutionEnvironment {
+    /// Whether runners made for `self` can serve `other` unchanged: everything but the pool
+    /// size shapes the sandbox itself.
+    pub fn same_runner_shape(&self, other: &ExecutionEnvironment) -> bool {
+        self.image == other.image
+            && self.cpu_limit == other.cpu_limit
+            && self.memory_limit == other.memory_limit
+            && self.network_access == other.network_access
+            && self.exposed_ports == other.exposed_ports
+    }
+}
+
+/// One entry of a file listing, as CodeOcean reads it (`permissions`, `owner` and `group` are
+/// not in the seed schema but the client needs them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileHeader {
+    pub name: String,
+    pub entry_type: String,
+    pub size: u64,
+    pub modification_time: i64,
+    pub permissions: String,
+    pub owner: String,
+    pub group: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub link_target: Option<String>,
+}
+
+/// One file to place in a runner; `content` is still base64 (validated by the caller) so that
+/// it crosses into the sandbox without being decoded and re-encoded on the way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileCopy {
+    pub path: String,
+    #[serde(default)]
+    pub content_base64: String,
+}
+
+/// What to run, as a client asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionRequest {
+    pub command: String,
+    pub privileged: bool,
+    pub environment: Vec<(String, String)>,
+    /// Seconds; 0 = no limit.
+    pub time_limit: u64,
+}
+
+/// An exposed port of a runner and where it is reachable from outside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MappedPort {
+    pub exposed_port: u16,
+    pub host_address: String,
+}
+
+/// Pool figures of one environment, as `/statistics/execution-environments` reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentStatistics {
+    pub id: EnvironmentId,
+    pub prewarming_pool_size: u32,
+    pub idle_runners: u32,
+    pub used_runners: u32,
+}

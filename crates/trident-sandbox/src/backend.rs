@@ -1,0 +1,445 @@
+//! The server side of the native sandbox: starts runner-inits, talks to them over their
+//! control sockets, and tears runners down through their cgroups.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use trident_core::backend::{
+    Backend, BackendError, BackendExecution, BackendResult, ExecSpec, ExitOutcome, FileDownload,
+    RunnerSpec, Sandbox,
+};
+use trident_core::model::{ExecutionEnvironment, FileCopy, FileHeader};
+
+use crate::cgroup::Cgroups;
+use crate::fdio::FdStream;
+use crate::images::Images;
+use crate::protocol::{recv_frame, send_frame, Request, Response, MAX_FRAME};
+use crate::spec::InitSpec;
+
+#[derive(Debug, Clone)]
+pub struct NativeConfig {
+    pub data_dir: PathBuf,
+    pub images: Images,
+    /// Processes (and threads) per runner.
+    pub pids_limit: u64,
+    /// Clock of one core, to turn `cpuLimit` MHz into a CPU quota.
+    pub cpu_mhz_per_core: f64,
+    /// No runner gets less CPU than this fraction of a core, so that a client's tiny MHz
+    /// figures (CodeOcean's default is 20 MHz) still leave programs usable.
+    pub min_cpu_cores: f64,
+    /// The uid and gid of `user` inside runners.
+    pub user_uid: u32,
+    pub user_gid: u32,
+    /// How long a new runner may take to become ready.
+    pub start_timeout: Duration,
+}
+
+impl NativeConfig {
+    pub fn new(data_dir: PathBuf, images: Images) -> NativeConfig {
+        NativeConfig {
+            data_dir,
+            images,
+            pids_limit: 512,
+            cpu_mhz_per_core: detect_cpu_mhz(),
+            min_cpu_cores: 0.25,
+            user_uid: 1000,
+            user_gid: 1000,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The clock of the first core from /proc/cpuinfo, or 2000 MHz when the kernel does not say.
+pub fn detect_cpu_mhz() -> f64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(2000.0)
+}
+
+pub struct NativeBackend {
+    config: NativeConfig,
+    cgroups: Cgroups,
+    /// Parent of this server's runner cgroups; unique per data dir, so that several trident
+    /// instances on one host never sweep each other's runners.
+    cgroup_parent: String,
+    runners_dir: PathBuf,
+    exe: PathBuf,
+}
+
+impl NativeBackend {
+    pub fn new(config: NativeConfig) -> anyhow::Result<NativeBackend> {
+        let cgroups = Cgroups::detect()?;
+        let instance = instance_id(&config.data_dir)?;
+        let runners_dir = config.data_dir.join("runners");
+        std::fs::create_dir_all(&runners_dir)?;
+        std::fs::set_permissions(&runners_dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(NativeBackend {
+            cgroups,
+            cgroup_parent: format!("trident/{instance}"),
+            runners_dir,
+            exe: std::env::current_exe()?,
+            config,
+        })
+    }
+
+    pub fn cgroup_version(&self) -> crate::cgroup::CgroupVersion {
+        self.cgroups.version()
+    }
+
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
+    fn init_spec(&self, spec: &RunnerSpec) -> Result<InitSpec, String> {
+        let env = &spec.environment;
+        let rootfs = self.config.images.resolve(&env.image)?;
+        let memory_bytes = u64::from(env.memory_limit) * 1024 * 1024;
+        let cpu_cores = (env.cpu_limit > 0).then(|| {
+            (f64::from(env.cpu_limit) / self.config.cpu_mhz_per_core).max(self.config.min_cpu_cores)
+        });
+        Ok(InitSpec {
+            runner_id: spec.runner_id.clone(),
+            dir: self.runners_dir.join(&spec.runner_id),
+            rootfs,
+            cgroup: format!("{}/{}", self.cgroup_parent, spec.runner_id),
+            memory_bytes,
+            cpu_cores,
+            pids: self.config.pids_limit,
+            writable_bytes: memory_bytes.max(16 * 1024 * 1024),
+            hostname: "runner".into(),
+            user_uid: self.config.user_uid,
+            user_gid: self.config.user_gid,
+        })
+    }
+
+    async fn start(&self, spec: InitSpec) -> BackendResult<NativeSandbox> {
+        let dir = spec.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
+        std::fs::write(
+            dir.join("spec.json"),
+            serde_json::to_vec(&spec).map_err(failed)?,
+        )
+        .map_err(failed)?;
+        let log = std::fs::File::create(dir.join("init.log")).map_err(failed)?;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
+        let ready_w_raw = ready_w.as_raw_fd();
+
+        let mut command = tokio::process::Command::new(&self.exe);
+        command
+            .arg("runner-init")
+            .arg(&dir)
+            // Nothing of the server's environment (tokens!) may reach a runner.
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Its own session: a Ctrl-C or a signal to the server's group spares runners.
+                if libc::setsid() < 0 || libc::dup2(ready_w_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(failed)?;
+        drop(ready_w);
+
+        let sandbox = NativeSandbox {
+            cgroups: self.cgroups.clone(),
+            cgroup: spec.cgroup.clone(),
+            socket: spec.socket_path(),
+            dir: dir.clone(),
+            child: Mutex::new(Some(child)),
+            destroyed: AtomicBool::new(false),
+        };
+        let wait_ready = tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            let mut file = std::fs::File::from(ready_r);
+            std::io::Read::read_to_string(&mut file, &mut text).map(|_| text)
+        });
+        let answer = tokio::time::timeout(self.config.start_timeout, wait_ready).await;
+        match answer {
+            Ok(Ok(Ok(text))) if text == "ok" => Ok(sandbox),
+            other => {
+                let reason = match other {
+                    Ok(Ok(Ok(text))) if !text.is_empty() => text,
+                    Ok(Ok(Ok(_))) => {
+                        let log = std::fs::read_to_string(dir.join("init.log")).unwrap_or_default();
+                        format!("runner-init ended without a word: {}", log.trim())
+                    }
+                    Err(_) => format!("not ready within {:?}", self.config.start_timeout),
+                    Ok(Ok(Err(e))) => e.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                };
+                sandbox.destroy().await;
+                Err(BackendError::Failed(format!("starting a runner: {reason}")))
+            }
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed(e.to_string())
+}
+
+/// A random id kept in the data dir, naming this installation's cgroups.
+fn instance_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(id.to_string());
+        }
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
+
+#[async_trait]
+impl Backend for NativeBackend {
+    fn validate(&self, environment: &ExecutionEnvironment) -> Result<(), String> {
+        self.config.images.resolve(&environment.image).map(|_| ())
+    }
+
+    async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
+        let init = self.init_spec(&spec).map_err(BackendError::Invalid)?;
+        Ok(Box::new(self.start(init).await?))
+    }
+
+    async fn sweep(&self) -> BackendResult<()> {
+        let cgroups = self.cgroups.clone();
+        let parent = self.cgroup_parent.clone();
+        let runners_dir = self.runners_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let leftovers = cgroups.children(&parent);
+            for name in &leftovers {
+                cgroups.kill_all(name);
+                cgroups.remove(name);
+            }
+            if !leftovers.is_empty() {
+                tracing::info!(
+                    count = leftovers.len(),
+                    "removed runners left by an earlier run"
+                );
+            }
+            if let Ok(entries) = std::fs::read_dir(&runners_dir) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        })
+        .await
+        .map_err(failed)
+    }
+}
+
+pub struct NativeSandbox {
+    cgroups: Cgroups,
+    cgroup: String,
+    socket: PathBuf,
+    dir: PathBuf,
+    child: Mutex<Option<tokio::process::Child>>,
+    destroyed: AtomicBool,
+}
+
+impl NativeSandbox {
+    /// One request, one answer, on a fresh connection (blocking I/O on a pool thread).
+    async fn call(&self, request: Request) -> BackendResult<(Response, Vec<OwnedFd>)> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(BackendError::Failed("the runner is gone".into()));
+        }
+        let socket = self.socket.clone();
+        tokio::task::spawn_blocking(move || {
+            let stream = UnixStream::connect(&socket)?;
+            send_frame(&stream, &request, &[])?;
+            recv_frame::<Response>(&stream)?
+                .ok_or_else(|| std::io::Error::other("runner-init closed the connection"))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| BackendError::Failed(format!("runner control socket: {e}")))
+    }
+}
+
+fn unexpected(r: Response) -> BackendError {
+    match r {
+        Response::Unavailable(m) => BackendError::FileUnavailable(m),
+        Response::Invalid(m) => BackendError::Invalid(m),
+        Response::Failed(m) => BackendError::Failed(m),
+        other => BackendError::Failed(format!("unexpected answer from runner-init: {other:?}")),
+    }
+}
+
+#[async_trait]
+impl Sandbox for NativeSandbox {
+    async fn execute(&self, spec: ExecSpec) -> BackendResult<BackendExecution> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(BackendError::Failed("the runner is gone".into()));
+        }
+        // stdin and stdout share a terminal (as the reference does); stderr stays a pipe so
+        // that clients can tell the two apart.
+        let pty = nix::pty::openpty(None, None).map_err(failed)?;
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(failed)?;
+        }
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
+        let oom_before = self.cgroups.oom_kills(&self.cgroup);
+        let socket = self.socket.clone();
+        let request = Request::Exec {
+            command: spec.command,
+            privileged: spec.privileged,
+            environment: spec.environment,
+            tty: true,
+        };
+        let slave = pty.slave;
+        let stream = tokio::task::spawn_blocking(move || -> std::io::Result<UnixStream> {
+            let stream = UnixStream::connect(&socket)?;
+            let fds = [slave.as_raw_fd(), slave.as_raw_fd(), err_w.as_raw_fd()];
+            send_frame(&stream, &request, &fds)?;
+            // Our copies must close now, or the streams would never reach end-of-file.
+            drop(slave);
+            drop(err_w);
+            match recv_frame::<Response>(&stream)? {
+                Some((Response::Started, _)) => Ok(stream),
+                Some((other, _)) => Err(std::io::Error::other(format!("{other:?}"))),
+                None => Err(std::io::Error::other("runner-init closed the connection")),
+            }
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| BackendError::Failed(format!("starting the execution: {e}")))?;
+        stream.set_nonblocking(true).map_err(failed)?;
+        let mut stream = tokio::net::UnixStream::from_std(stream).map_err(failed)?;
+
+        let master_for_stdin = pty.master.try_clone().map_err(failed)?;
+        let stdin = FdStream::new(master_for_stdin, true).map_err(failed)?;
+        let stdout = FdStream::new(pty.master, true).map_err(failed)?;
+        let stderr = FdStream::new(err_r, false).map_err(failed)?;
+
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let cgroups = self.cgroups.clone();
+        let cgroup = self.cgroup.clone();
+        let exit = Box::pin(async move {
+            tokio::select! {
+                frame = read_frame(&mut stream) => match frame {
+                    Ok(Response::Exited { code }) => {
+                        if code != 0 && cgroups.oom_kills(&cgroup) > oom_before {
+                            ExitOutcome::OomKilled
+                        } else {
+                            ExitOutcome::Exited(code)
+                        }
+                    }
+                    Ok(other) => ExitOutcome::Failed(format!("{other:?}")),
+                    Err(e) => ExitOutcome::Failed(e.to_string()),
+                },
+                // Dropping the connection tells the handler to kill the execution.
+                _ = kill_rx => ExitOutcome::Failed("killed".into()),
+            }
+        });
+        Ok(BackendExecution {
+            stdin: Box::new(stdin),
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+            exit,
+            kill: Box::new(move || {
+                let _ = kill_tx.send(());
+            }),
+        })
+    }
+
+    async fn list_files(
+        &self,
+        path: &str,
+        recursive: bool,
+        privileged: bool,
+    ) -> BackendResult<Vec<FileHeader>> {
+        let request = Request::ListFiles {
+            path: path.to_string(),
+            recursive,
+            privileged,
+        };
+        match self.call(request).await?.0 {
+            Response::Files(files) => Ok(files),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn patch_files(&self, delete: Vec<String>, copy: Vec<FileCopy>) -> BackendResult<()> {
+        match self.call(Request::PatchFiles { delete, copy }).await?.0 {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn open_file(&self, path: &str, privileged: bool) -> BackendResult<FileDownload> {
+        let request = Request::OpenFile {
+            path: path.to_string(),
+            privileged,
+        };
+        match self.call(request).await? {
+            (Response::Opened { size }, mut fds) if fds.len() == 1 => {
+                let file = std::fs::File::from(fds.remove(0));
+                let content = tokio::fs::File::from_std(file).take(size);
+                Ok(FileDownload {
+                    size,
+                    content: Box::new(content),
+                })
+            }
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn destroy(&self) {
+        if self.destroyed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cgroups = self.cgroups.clone();
+        let cgroup = self.cgroup.clone();
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            cgroups.kill_all(&cgroup);
+            cgroups.remove(&cgroup);
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+        let child = self.child.lock().unwrap().take();
+        if let Some(mut child) = child {
+            let _ = child.wait().await;
+        }
+    }
+}
+
+async fn read_frame(stream: &mut tokio::net::UnixStream) -> std::io::Result<Response> {
+    let len = stream.read_u32_le().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other("control frame too large"));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}

@@ -1,0 +1,297 @@
+//! Per-runner cgroups on cgroup v1 and v2 hosts, behind one small interface.
+//!
+//! Hand-written rather than `cgroups-rs`: we need five files per version, a hybrid-host
+//! detection rule of our own (v1 controllers plus an empty `unified` mount counts as v1), and
+//! a kill that survives fork bombs (freeze first); a thin layer is easier to audit.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "freezer"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl std::fmt::Display for CgroupVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CgroupVersion::V1 => "cgroup v1",
+            CgroupVersion::V2 => "cgroup v2",
+        })
+    }
+}
+
+/// Resource limits of one runner.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    /// CPU time per period, as a fraction of one core (None = unlimited).
+    pub cpu_cores: Option<f64>,
+    pub pids: u64,
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    version: CgroupVersion,
+}
+
+impl Cgroups {
+    /// Pure cgroup2 hosts have `cgroup.controllers` at the root; anything with v1 controllers
+    /// mounted is driven as v1 (hybrid hosts keep their controllers there).
+    pub fn detect() -> io::Result<Cgroups> {
+        let root = Path::new(ROOT);
+        if root.join("cgroup.controllers").exists() {
+            return Ok(Cgroups {
+                version: CgroupVersion::V2,
+            });
+        }
+        if root.join("memory").join("cgroup.procs").exists() {
+            for c in V1_CONTROLLERS {
+                if !root.join(c).join("cgroup.procs").exists() {
+                    return Err(io::Error::other(format!(
+                        "cgroup v1 host without the {c} controller mounted at {ROOT}/{c}"
+                    )));
+                }
+            }
+            return Ok(Cgroups {
+                version: CgroupVersion::V1,
+            });
+        }
+        Err(io::Error::other(format!(
+            "no usable cgroup hierarchy under {ROOT}"
+        )))
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        match self.version {
+            CgroupVersion::V2 => vec![Path::new(ROOT).join(name)],
+            CgroupVersion::V1 => V1_CONTROLLERS
+                .iter()
+                .map(|c| Path::new(ROOT).join(c).join(name))
+                .collect(),
+        }
+    }
+
+    fn controller_dir(&self, controller: &str, name: &str) -> PathBuf {
+        match self.version {
+            CgroupVersion::V2 => Path::new(ROOT).join(name),
+            CgroupVersion::V1 => Path::new(ROOT).join(controller).join(name),
+        }
+    }
+
+    /// Creates the cgroup `name` (a relative path such as `trident/<instance>/<runner>`) with
+    /// its limits. On v2 the controllers are enabled on every ancestor first.
+    pub fn create(&self, name: &str, limits: &Limits) -> io::Result<()> {
+        if self.version == CgroupVersion::V2 {
+            let mut path = PathBuf::from(ROOT);
+            for part in Path::new(name)
+                .parent()
+                .into_iter()
+                .flat_map(|p| p.components())
+            {
+                path.push(part);
+                fs::create_dir_all(&path)?;
+            }
+            let mut ancestor = PathBuf::from(ROOT);
+            enable_v2_controllers(&ancestor)?;
+            for part in Path::new(name)
+                .parent()
+                .into_iter()
+                .flat_map(|p| p.components())
+            {
+                ancestor.push(part);
+                enable_v2_controllers(&ancestor)?;
+            }
+        }
+        for dir in self.dirs(name) {
+            fs::create_dir_all(&dir)?;
+        }
+        let mem = limits.memory_bytes.to_string();
+        match self.version {
+            CgroupVersion::V1 => {
+                let memory = self.controller_dir("memory", name);
+                write(&memory, "memory.limit_in_bytes", &mem)?;
+                // Without swap accounting this file is absent; with it, forbid swapping.
+                if memory.join("memory.memsw.limit_in_bytes").exists() {
+                    write(&memory, "memory.memsw.limit_in_bytes", &mem)?;
+                }
+                let cpu = self.controller_dir("cpu", name);
+                write(&cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                let quota = match limits.cpu_cores {
+                    Some(cores) => ((cores * CPU_PERIOD_US as f64) as u64)
+                        .max(1000)
+                        .to_string(),
+                    None => "-1".to_string(),
+                };
+                write(&cpu, "cpu.cfs_quota_us", &quota)?;
+                write(
+                    &self.controller_dir("pids", name),
+                    "pids.max",
+                    &limits.pids.to_string(),
+                )?;
+            }
+            CgroupVersion::V2 => {
+                let dir = Path::new(ROOT).join(name);
+                write(&dir, "memory.max", &mem)?;
+                if dir.join("memory.swap.max").exists() {
+                    write(&dir, "memory.swap.max", "0")?;
+                }
+                let cpu = match limits.cpu_cores {
+                    Some(cores) => format!(
+                        "{} {CPU_PERIOD_US}",
+                        ((cores * CPU_PERIOD_US as f64) as u64).max(1000)
+                    ),
+                    None => format!("max {CPU_PERIOD_US}"),
+                };
+                write(&dir, "cpu.max", &cpu)?;
+                write(&dir, "pids.max", &limits.pids.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a process (and its future children) into the cgroup.
+    pub fn join(&self, name: &str, pid: u32) -> io::Result<()> {
+        for dir in self.dirs(name) {
+            write(&dir, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Number of processes the kernel's OOM killer has killed in this cgroup so far.
+    pub fn oom_kills(&self, name: &str) -> u64 {
+        let (file, key) = match self.version {
+            CgroupVersion::V1 => ("memory.oom_control", "oom_kill"),
+            CgroupVersion::V2 => ("memory.events", "oom_kill"),
+        };
+        let path = self.controller_dir("memory", name).join(file);
+        fs::read_to_string(path)
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|line| {
+                    let (k, v) = line.split_once(' ')?;
+                    (k == key).then(|| v.trim().parse().ok()).flatten()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn processes(&self, name: &str) -> Vec<i32> {
+        let dir = self.controller_dir("pids", name);
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Kills every process in the cgroup and waits until it is empty. The cgroup is frozen
+    /// first so that a fork bomb cannot outrun the kill loop.
+    pub fn kill_all(&self, name: &str) {
+        match self.version {
+            CgroupVersion::V2 => {
+                let dir = Path::new(ROOT).join(name);
+                if dir.join("cgroup.kill").exists() {
+                    let _ = write(&dir, "cgroup.kill", "1");
+                } else {
+                    let _ = write(&dir, "cgroup.freeze", "1");
+                }
+            }
+            CgroupVersion::V1 => {
+                let _ = write(
+                    &self.controller_dir("freezer", name),
+                    "freezer.state",
+                    "FROZEN",
+                );
+            }
+        }
+        for round in 0..2000u32 {
+            let pids = self.processes(name);
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: plain kill(2) on a pid read from the cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // Frozen processes die only when thawed; SIGKILL is delivered on thaw.
+            match self.version {
+                CgroupVersion::V1 => {
+                    let _ = write(
+                        &self.controller_dir("freezer", name),
+                        "freezer.state",
+                        "THAWED",
+                    );
+                }
+                CgroupVersion::V2 => {
+                    let dir = Path::new(ROOT).join(name);
+                    if !dir.join("cgroup.kill").exists() {
+                        let _ = write(&dir, "cgroup.freeze", "0");
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200 * u64::from(round.min(50) + 1)));
+        }
+        tracing::warn!(cgroup = name, "processes survived SIGKILL for seconds");
+    }
+
+    /// Removes the cgroup (it must be empty).
+    pub fn remove(&self, name: &str) {
+        for dir in self.dirs(name) {
+            if dir.exists() {
+                if let Err(e) = fs::remove_dir(&dir) {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove cgroup");
+                }
+            }
+        }
+    }
+
+    /// Names of the child cgroups under `parent` (for the start-up sweep).
+    pub fn children(&self, parent: &str) -> Vec<String> {
+        let dir = self.controller_dir("pids", parent);
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
+            .collect()
+    }
+}
+
+fn enable_v2_controllers(dir: &Path) -> io::Result<()> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    for c in ["memory", "cpu", "pids"] {
+        if !available.split_whitespace().any(|a| a == c) {
+            return Err(io::Error::other(format!(
+                "the {c} controller is not available in {}",
+                dir.display()
+            )));
+        }
+        if !enabled.split_whitespace().any(|a| a == c) {
+            write(dir, "cgroup.subtree_control", &format!("+{c}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
+    fs::write(dir.join(file), value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value} to {}: {e}", dir.join(file).display()),
+        )
+    })
+}

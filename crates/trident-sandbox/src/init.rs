@@ -1,0 +1,425 @@
+//! runner-init: the long-lived, single-threaded process at the heart of every runner.
+//!
+//! Process tree of one runner (all in the runner's cgroup):
+//!
+//! ```text
+//! trident runner-init <dir>      P0: joins the cgroup, unshares namespaces, waits for P1
+//! └── runner-init (pid 1)        P1: builds the root fs, pivots, serves the control socket
+//!     └── handler                one per connection: a file operation, or an execution:
+//!         └── exec-init (pid 1)  own pid namespace: when it exits, all it started dies
+//!             └── /bin/bash -c <command>
+//! ```
+//!
+//! The server re-executes its own binary for P0 (never fork a multi-threaded tokio process);
+//! nothing here is async.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+
+use crate::cgroup::{Cgroups, Limits};
+use crate::fileops::{self, FileOpError};
+use crate::protocol::{recv_frame, send_frame, Request, Response};
+use crate::rootfs;
+use crate::spec::{InitSpec, USER_NAME, WORKSPACE};
+
+/// The fd on which the server waits for "ok" (or an error text) from P1.
+const READY_FD: RawFd = 3;
+
+/// Entry point of `trident runner-init <dir>`. Never returns.
+pub fn main(dir: &Path) -> ! {
+    // SAFETY: fd 3 was set up by the server for exactly this purpose.
+    let mut ready = unsafe { File::from_raw_fd(READY_FD) };
+    let spec: InitSpec = match std::fs::read(dir.join("spec.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => fail(&mut ready, &format!("reading the runner spec: {e}")),
+    };
+    if let Err(e) = enter_cgroup_and_namespaces(&spec) {
+        fail(&mut ready, &e.to_string());
+    }
+    // SAFETY: single-threaded process; the child only runs this module's code.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => runner_init(&spec, ready),
+        Ok(ForkResult::Parent { child }) => {
+            drop(ready);
+            loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(..)) => std::process::exit(1),
+                    Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+                    Err(_) => std::process::exit(1),
+                }
+            }
+        }
+        Err(e) => fail(&mut ready, &format!("fork: {e}")),
+    }
+}
+
+fn fail(ready: &mut File, message: &str) -> ! {
+    let _ = ready.write_all(message.as_bytes());
+    eprintln!("runner-init: {message}");
+    std::process::exit(1)
+}
+
+fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
+    let cgroups = Cgroups::detect()?;
+    let limits = Limits {
+        memory_bytes: spec.memory_bytes,
+        cpu_cores: spec.cpu_cores,
+        pids: spec.pids,
+    };
+    cgroups.create(&spec.cgroup, &limits)?;
+    cgroups.join(&spec.cgroup, std::process::id())?;
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .map_err(|e| io::Error::other(format!("unshare: {e}")))
+}
+
+/// P1: pid 1 of the runner.
+fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
+    let listener = match build_runner(spec) {
+        Ok(listener) => listener,
+        Err(e) => fail(&mut ready, &e.to_string()),
+    };
+    // SAFETY: setting dispositions in a single-threaded process. SIGCHLD ignored = handlers
+    // are reaped by the kernel; SIGPIPE ignored = a vanished client is an EPIPE, not a death.
+    unsafe {
+        let _ = signal(Signal::SIGCHLD, SigHandler::SigIgn);
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigIgn);
+    }
+    let _ = ready.write_all(b"ok");
+    drop(ready);
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("runner-init: accept: {e}");
+                continue;
+            }
+        };
+        // SAFETY: single-threaded; the child handles one connection and exits.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(listener);
+                let code = match handle(spec, &stream) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("runner-init: handler: {e}");
+                        1
+                    }
+                };
+                std::process::exit(code);
+            }
+            Ok(ForkResult::Parent { .. }) => drop(stream),
+            Err(e) => {
+                // Most likely the pids limit: answer so the server does not wait forever.
+                let _ = send_frame(&stream, &Response::Failed(format!("fork: {e}")), &[]);
+            }
+        }
+    }
+}
+
+fn build_runner(spec: &InitSpec) -> io::Result<UnixListener> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| io::Error::other(format!("making mounts private: {e}")))?;
+    let root = rootfs::build(spec)?;
+    // Bound before the pivot, so that the socket lives at a stable host path.
+    let socket = spec.socket_path();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    rootfs::pivot(&root)?;
+    nix::unistd::sethostname(&spec.hostname).map_err(io::Error::other)?;
+    rootfs::loopback_up()?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    Ok(listener)
+}
+
+fn handle(spec: &InitSpec, stream: &UnixStream) -> io::Result<()> {
+    // SAFETY: restoring the default in a single-threaded child, so that waitpid works.
+    unsafe {
+        let _ = signal(Signal::SIGCHLD, SigHandler::SigDfl);
+    }
+    let Some((request, fds)) = recv_frame::<Request>(stream)? else {
+        return Ok(());
+    };
+    let reply = |r: Response| send_frame(stream, &r, &[]);
+    match request {
+        Request::Ping => reply(Response::Pong),
+        Request::Exec {
+            command,
+            privileged,
+            environment,
+            tty,
+        } => exec(spec, stream, &command, privileged, &environment, tty, fds),
+        Request::ListFiles {
+            path,
+            recursive,
+            privileged,
+        } => {
+            if !privileged {
+                become_user(spec)?;
+            }
+            reply(match fileops::list(&path, recursive) {
+                Ok(files) => Response::Files(files),
+                Err(e) => file_error(e),
+            })
+        }
+        Request::PatchFiles { delete, copy } => reply(match fileops::patch(&delete, &copy) {
+            Ok(()) => Response::Done,
+            Err(e) => file_error(e),
+        }),
+        Request::OpenFile { path, privileged } => {
+            if !privileged {
+                become_user(spec)?;
+            }
+            match fileops::open(&path) {
+                Ok((file, size)) => {
+                    send_frame(stream, &Response::Opened { size }, &[file.as_raw_fd()])
+                }
+                Err(e) => reply(file_error(e)),
+            }
+        }
+    }
+}
+
+fn file_error(e: FileOpError) -> Response {
+    match e {
+        FileOpError::Unavailable(m) => Response::Unavailable(m),
+        FileOpError::Invalid(m) => Response::Invalid(m),
+        FileOpError::Failed(m) => Response::Failed(m),
+    }
+}
+
+fn become_user(spec: &InitSpec) -> io::Result<()> {
+    nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
+    nix::unistd::setgid(Gid::from_raw(spec.user_gid)).map_err(io::Error::other)?;
+    nix::unistd::setuid(Uid::from_raw(spec.user_uid)).map_err(io::Error::other)?;
+    Ok(())
+}
+
+/// Runs one execution and reports its end; a hang-up of the connection kills it.
+fn exec(
+    spec: &InitSpec,
+    stream: &UnixStream,
+    command: &str,
+    privileged: bool,
+    environment: &[(String, String)],
+    tty: bool,
+    fds: Vec<OwnedFd>,
+) -> io::Result<()> {
+    if fds.len() != 3 {
+        return send_frame(stream, &Response::Failed("expected 3 fds".into()), &[]);
+    }
+    // Everything the execution starts lives in a pid namespace of its own, whose init is the
+    // exec-init below: when it exits, the kernel kills every process left (setsid'd and
+    // double-forked daemons included).
+    unshare(CloneFlags::CLONE_NEWPID).map_err(io::Error::other)?;
+    let argv = shell_argv(command);
+    let envp = environment_for(spec, privileged, environment, tty);
+    // SAFETY: single-threaded process.
+    let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
+        ForkResult::Child => exec_init(spec, privileged, tty, &fds, &argv, &envp, stream),
+        ForkResult::Parent { child } => child,
+    };
+    drop(fds);
+    send_frame(stream, &Response::Started, &[])?;
+    let pidfd = pidfd_open(exec_init)?;
+    let mut buf = [0u8; 64];
+    loop {
+        let mut polls = [
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut polls, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        if polls[1].any().unwrap_or(false) {
+            let code = match waitpid(exec_init, None) {
+                Ok(WaitStatus::Exited(_, code)) => code as u8,
+                Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as u8,
+                _ => 255,
+            };
+            return send_frame(stream, &Response::Exited { code }, &[]);
+        }
+        if polls[0].any().unwrap_or(false) {
+            // Any byte or the end of the stream means: stop.
+            let _ = (&*stream).read(&mut buf);
+            let _ = nix::sys::signal::kill(exec_init, Signal::SIGKILL);
+            let _ = waitpid(exec_init, None);
+            return Ok(());
+        }
+    }
+}
+
+fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn shell_argv(command: &str) -> Vec<CString> {
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    [shell, "-c", command]
+        .iter()
+        .map(|s| CString::new(s.replace('\0', "")).expect("NULs removed"))
+        .collect()
+}
+
+fn environment_for(
+    spec: &InitSpec,
+    privileged: bool,
+    extra: &[(String, String)],
+    tty: bool,
+) -> Vec<CString> {
+    let (user, home) = if privileged {
+        ("root", "/root")
+    } else {
+        (USER_NAME, WORKSPACE)
+    };
+    let _ = spec;
+    let mut vars: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), home.into()),
+        ("USER".into(), user.into()),
+        ("LOGNAME".into(), user.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    if tty {
+        vars.push(("TERM".into(), "xterm".into()));
+    }
+    for (k, v) in extra {
+        vars.retain(|(existing, _)| existing != k);
+        vars.push((k.clone(), v.clone()));
+    }
+    vars.into_iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect()
+}
+
+/// pid 1 of the execution's pid namespace: starts the command, reaps everything, and exits
+/// with the command's status once the command itself has ended.
+fn exec_init(
+    spec: &InitSpec,
+    privileged: bool,
+    tty: bool,
+    fds: &[OwnedFd],
+    argv: &[CString],
+    envp: &[CString],
+    stream: &UnixStream,
+) -> ! {
+    // SAFETY: single-threaded process.
+    let command = match unsafe { fork() } {
+        Ok(ForkResult::Child) => start_command(spec, privileged, tty, fds, argv, envp),
+        Ok(ForkResult::Parent { child }) => child,
+        Err(_) => std::process::exit(126),
+    };
+    // Only the command may hold the streams, so that they end when it and its children do.
+    // SAFETY: closing fds this process owns and no longer needs.
+    unsafe {
+        for fd in fds {
+            libc::close(fd.as_raw_fd());
+        }
+        libc::close(stream.as_raw_fd());
+    }
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == command => std::process::exit(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                std::process::exit(128 + sig as i32)
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => std::process::exit(255),
+        }
+    }
+}
+
+fn start_command(
+    spec: &InitSpec,
+    privileged: bool,
+    tty: bool,
+    fds: &[OwnedFd],
+    argv: &[CString],
+    envp: &[CString],
+) -> ! {
+    let fail = |what: &str| -> ! {
+        let msg = format!(
+            "trident: cannot start the command: {what}: {}\n",
+            io::Error::last_os_error()
+        );
+        // SAFETY: writing to the stderr fd we were given.
+        unsafe { libc::write(fds[2].as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        // SAFETY: leaving a forked child without running destructors.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: the usual post-fork, pre-exec set-up of a single-threaded child.
+    unsafe {
+        libc::setsid();
+        for (i, fd) in fds.iter().enumerate() {
+            if libc::dup2(fd.as_raw_fd(), i as RawFd) < 0 {
+                fail("dup2");
+            }
+        }
+        if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail("controlling terminal");
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for sig in [
+            libc::SIGPIPE,
+            libc::SIGCHLD,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGTERM,
+        ] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    if !privileged && become_user(spec).is_err() {
+        fail("dropping privileges");
+    }
+    if nix::unistd::chdir(WORKSPACE).is_err() {
+        let _ = nix::unistd::chdir("/");
+    }
+    let _ = nix::unistd::execve(&argv[0], argv, envp);
+    fail("exec")
+}

@@ -1,0 +1,19 @@
+//! trident's native Linux sandbox: one long-lived runner-init per runner in its own
+//! namespaces, cgroup and root filesystem; executions are forked inside it.
+//!
+//! - [`backend`]: the server side (implements `trident_core::backend::Backend`).
+//! - [`init`]: the runner side (`trident runner-init`), single-threaded, no async.
+//! - [`protocol`]: what the two say to each other over the runner's control socket.
+
+pub mod backend;
+pub mod cgroup;
+mod fdio;
+mod fileops;
+pub mod images;
+pub mod init;
+pub mod protocol;
+mod rootfs;
+pub mod spec;
+
+pub use backend::{NativeBackend, NativeConfig};
+pub use images::{ImageSource, Images};

@@ -1,0 +1,44 @@
+//! What the server tells a runner-init about the runner to build (`<runner dir>/spec.json`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a runner's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RootfsSource {
+    /// The host's own system directories (`/usr`, `/etc`, `/bin`, `/lib*`, `/opt`), each
+    /// behind a per-runner overlay so that the runner can write without touching the host.
+    Host,
+    /// A root filesystem directory, the overlay's lower layer.
+    Directory(PathBuf),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub runner_id: String,
+    /// The runner directory on the host: spec, control socket, log, mount points.
+    pub dir: PathBuf,
+    pub rootfs: RootfsSource,
+    /// Relative cgroup path, e.g. `trident/<instance>/<runner>`.
+    pub cgroup: String,
+    pub memory_bytes: u64,
+    pub cpu_cores: Option<f64>,
+    pub pids: u64,
+    /// Size of the tmpfs holding the writable layer, /workspace and /tmp. Its pages are
+    /// charged to the runner's memory cgroup as well.
+    pub writable_bytes: u64,
+    pub hostname: String,
+    pub user_uid: u32,
+    pub user_gid: u32,
+}
+
+impl InitSpec {
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+/// The unprivileged user of every runner.
+pub const USER_NAME: &str = "user";
+pub const WORKSPACE: &str = "/workspace";

@@ -1,0 +1,277 @@
+//! `trident bench`: measures a running server end to end over HTTP and WebSocket, and a bare
+//! fork+exec on this machine in the same run, so that the ratios mean something on a noisy box.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Base URL of the server
+    #[arg(long, default_value = "http://127.0.0.1:7200")]
+    url: String,
+    /// Poseidon-Token, if the server requires one
+    #[arg(long, env = "TRIDENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Iterations per measurement
+    #[arg(long, default_value_t = 300)]
+    iterations: usize,
+    /// Environment id used (created, then deleted)
+    #[arg(long, default_value_t = 987_654)]
+    environment: u64,
+    /// Image of that environment
+    #[arg(long, default_value = "host")]
+    image: String,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base));
+        match &self.token {
+            Some(t) => r.header("Poseidon-Token", t),
+            None => r,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
+        let response = self.request(method, path).json(&body).send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{path}: {status} {text}");
+        }
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    }
+
+    async fn claim(&self, env: u64) -> anyhow::Result<String> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/runners",
+                json!({"executionEnvironmentId": env}),
+            )
+            .await?;
+        Ok(v["runnerId"].as_str().context("no runnerId")?.to_string())
+    }
+
+    /// POST execute → WebSocket → read until the terminal message.
+    async fn execute(&self, runner: &str, command: &str) -> anyhow::Result<Value> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/runners/{runner}/execute"),
+                json!({"command": command}),
+            )
+            .await?;
+        let url = v["websocketUrl"].as_str().context("no websocketUrl")?;
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+        if let Some(t) = &self.token {
+            request.headers_mut().insert("Poseidon-Token", t.parse()?);
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+        while let Some(message) = ws.next().await {
+            if let Message::Text(text) = message? {
+                let v: Value = serde_json::from_str(&text)?;
+                if matches!(v["type"].as_str(), Some("exit" | "timeout" | "error")) {
+                    return Ok(v);
+                }
+            }
+        }
+        bail!("the WebSocket closed without a terminal message")
+    }
+}
+
+struct Row {
+    name: &'static str,
+    samples: Vec<Duration>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let client = Client {
+        http: reqwest::Client::new(),
+        base: args.url.trim_end_matches('/').to_string(),
+        token: args.token.clone(),
+    };
+    let env = args.environment;
+    let n = args.iterations.max(1);
+    let pool = 4;
+    client
+        .call(
+            reqwest::Method::PUT,
+            &format!("/execution-environments/{env}"),
+            json!({"id": env, "image": args.image, "prewarmingPoolSize": pool, "cpuLimit": 0,
+                   "memoryLimit": 512, "networkAccess": false, "exposedPorts": []}),
+        )
+        .await?;
+    let result = measure(&client, env, n).await;
+    let _ = client
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/execution-environments/{env}"),
+            Value::Null,
+        )
+        .await;
+    let rows = result?;
+
+    println!(
+        "trident bench: {n} iterations against {} (times in ms)",
+        args.url
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>12}",
+        "operation", "p50", "p99", "mean", "p50 ratio"
+    );
+    let baseline = {
+        let mut s = rows[0].samples.clone();
+        s.sort();
+        percentile(&s, 0.5)
+    };
+    for row in &rows {
+        let mut s = row.samples.clone();
+        s.sort();
+        let mean = s.iter().sum::<Duration>() / s.len() as u32;
+        let p50 = percentile(&s, 0.5);
+        println!(
+            "{:<44} {:>9} {:>9} {:>9} {:>11.1}x",
+            row.name,
+            ms(p50),
+            ms(percentile(&s, 0.99)),
+            ms(mean),
+            p50.as_secs_f64() / baseline.as_secs_f64()
+        );
+    }
+    println!(
+        "(ratios against a bare fork+exec of /bin/true on this machine, measured in the same run)"
+    );
+    Ok(())
+}
+
+async fn measure(client: &Client, env: u64, n: usize) -> anyhow::Result<Vec<Row>> {
+    let mut baseline = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let status = tokio::process::Command::new("/bin/true").status().await?;
+        baseline.push(t.elapsed());
+        if !status.success() {
+            bail!("/bin/true failed");
+        }
+    }
+
+    // Wait until the pool is full so that claims measure the warm path.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = client
+            .call(
+                reqwest::Method::GET,
+                "/statistics/execution-environments",
+                Value::Null,
+            )
+            .await?;
+        if stats[env.to_string()]["idleRunners"].as_u64() >= Some(4) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut claims = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let runner = client.claim(env).await?;
+        claims.push(t.elapsed());
+        client
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/runners/{runner}"),
+                Value::Null,
+            )
+            .await?;
+    }
+
+    let runner = client.claim(env).await?;
+    let files: Vec<Value> = (0..10)
+        .map(|i| {
+            json!({"path": format!("bench/file{i}.txt"),
+                   "content": base64::engine::general_purpose::STANDARD.encode(format!("content {i}\n"))})
+        })
+        .collect();
+    let mut patches = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        client
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/runners/{runner}/files"),
+                json!({"delete": ["bench"], "copy": files}),
+            )
+            .await?;
+        patches.push(t.elapsed());
+    }
+
+    let mut executions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let end = client.execute(&runner, "true").await?;
+        executions.push(t.elapsed());
+        if end != json!({"type": "exit", "data": 0}) {
+            bail!("`true` ended with {end}");
+        }
+    }
+    client
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/runners/{runner}"),
+            Value::Null,
+        )
+        .await?;
+
+    Ok(vec![
+        Row {
+            name: "baseline: fork+exec /bin/true (local)",
+            samples: baseline,
+        },
+        Row {
+            name: "POST /runners (claim from a warm pool)",
+            samples: claims,
+        },
+        Row {
+            name: "PATCH /files (delete dir + 10 small files)",
+            samples: patches,
+        },
+        Row {
+            name: "execute round trip (POST+WebSocket+`true`)",
+            samples: executions,
+        },
+    ])
+}

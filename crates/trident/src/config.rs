@@ -1,0 +1,150 @@
+//! Settings: command-line flags and `TRIDENT_*` environment variables win over the YAML
+//! config file (`--config`), which wins over the defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7200]
+    #[arg(long, env = "TRIDENT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Require this value in the Poseidon-Token header (all routes but /health and /version)
+    #[arg(long, env = "TRIDENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the database and runner state live [default: ./trident-data]
+    #[arg(long, env = "TRIDENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A YAML file with the same settings (and the `images:` table)
+    #[arg(long, env = "TRIDENT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The config file. Every key is optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+    data_dir: Option<PathBuf>,
+    /// Image name → `host` or an absolute root filesystem directory.
+    #[serde(default)]
+    images: BTreeMap<String, String>,
+    /// How long a claim waits for a runner being created when the pool is empty.
+    claim_wait_seconds: Option<u64>,
+    /// /health answers 503 PREWARMING_POOL_DEPLETING below this idle/pool ratio (0 = off).
+    pool_depletion_threshold: Option<f64>,
+    max_concurrent_creations: Option<usize>,
+    max_pool_size: Option<u32>,
+    max_body_mb: Option<usize>,
+    /// Processes per runner (fork bombs stop here).
+    pids_limit: Option<u64>,
+    /// No runner gets less than this share of a core, whatever its cpuLimit.
+    min_cpu_cores: Option<f64>,
+    /// Clock of one core for the cpuLimit MHz → quota conversion (default: /proc/cpuinfo).
+    cpu_mhz_per_core: Option<f64>,
+    log: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    pub images: BTreeMap<String, String>,
+    pub claim_wait: Duration,
+    pub pool_depletion_threshold: f64,
+    pub max_concurrent_creations: usize,
+    pub max_pool_size: u32,
+    pub max_body_bytes: usize,
+    pub pids_limit: u64,
+    pub min_cpu_cores: f64,
+    pub cpu_mhz_per_core: Option<f64>,
+    pub log: String,
+}
+
+impl Settings {
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => load(path)?,
+            None => FileConfig::default(),
+        };
+        let threshold = file.pool_depletion_threshold.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&threshold) {
+            anyhow::bail!("pool_depletion_threshold must be between 0 and 1, not {threshold}");
+        }
+        Ok(Settings {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7200".parse().expect("valid")),
+            token: args.token.or(file.token).filter(|t| !t.is_empty()),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./trident-data")),
+            images: file.images,
+            claim_wait: Duration::from_secs(file.claim_wait_seconds.unwrap_or(10)),
+            pool_depletion_threshold: threshold,
+            max_concurrent_creations: file.max_concurrent_creations.unwrap_or(4).max(1),
+            max_pool_size: file.max_pool_size.unwrap_or(1000),
+            max_body_bytes: file.max_body_mb.unwrap_or(64) * 1024 * 1024,
+            pids_limit: file.pids_limit.unwrap_or(512),
+            min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
+            cpu_mhz_per_core: file.cpu_mhz_per_core,
+            log: file.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    serde_yaml_ng::from_str(&text).with_context(|| format!("in the config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trident.yaml");
+        std::fs::write(
+            &path,
+            "listen: 0.0.0.0:9000\ntoken: from-file\nimages:\n  python: host\nclaim_wait_seconds: 3\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            token: Some("from-flag".into()),
+            config: Some(path),
+            ..Default::default()
+        };
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(s.token.as_deref(), Some("from-flag"));
+        assert_eq!(s.data_dir, PathBuf::from("./trident-data"));
+        assert_eq!(s.images.get("python").map(String::as_str), Some("host"));
+        assert_eq!(s.claim_wait, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trident.yaml");
+        std::fs::write(&path, "listne: 0.0.0.0:9000\n").unwrap();
+        let err = Settings::resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("listne"), "{err:#}");
+    }
+}

@@ -1,0 +1,64 @@
+//! The `trident` binary: `serve` (the service), `bench` (a load client that prints a
+//! table), and the hidden `runner-init` that the native sandbox re-executes for each runner.
+
+mod bench;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "trident",
+    version,
+    about = "Runs untrusted code fast and safely in prewarmed sandboxed runners"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Poseidon API v1 on the native sandbox.
+    Serve(config::ServeArgs),
+    /// Measure a running server: runner claim, file copy, execute round trip.
+    Bench(bench::BenchArgs),
+    /// Internal: the init process of one runner (started by `serve`, never by hand).
+    #[command(hide = true)]
+    RunnerInit { dir: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        // Before any thread exists: runner-init forks.
+        Command::RunnerInit { dir } => trident_sandbox::init::main(&dir),
+        Command::Serve(args) => {
+            let settings = config::Settings::resolve(args)?;
+            init_logging(&settings.log);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve::run(settings))
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(bench::run(args))
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRIDENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
