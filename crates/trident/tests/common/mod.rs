@@ -1,0 +1,433 @@
+//! Test harness: starts the real `trident` binary on a free port with its own data dir, and
+//! talks to it with real HTTP and WebSocket clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct Server {
+    child: Option<Child>,
+    pub address: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub token: Option<String>,
+    pub http: reqwest::Client,
+    config: Option<PathBuf>,
+}
+
+pub struct Options {
+    pub token: Option<String>,
+    pub config_yaml: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: None,
+            config_yaml: None,
+            data_dir: None,
+        }
+    }
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> Server {
+        let (tmp, data_dir) = match options.data_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("trident-test")
+                    .tempdir()
+                    .unwrap();
+                let dir = tmp.path().join("data");
+                (Some(tmp), dir)
+            }
+        };
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let config = options.config_yaml.map(|yaml| {
+            let path = data_dir.with_extension("yaml");
+            std::fs::write(&path, yaml).unwrap();
+            path
+        });
+        let mut server = Server {
+            child: None,
+            address: String::new(),
+            data_dir,
+            _tmp: tmp,
+            token: options.token,
+            http: reqwest::Client::new(),
+            config,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trident"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env_remove("TRIDENT_TOKEN")
+            .env_remove("TRIDENT_CONFIG")
+            .env("TRIDENT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(token) = &self.token {
+            cmd.arg("--token").arg(token);
+        }
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        let mut child = cmd.spawn().expect("start trident");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split('/').next().unwrap().to_string();
+                        let _ = tx.send(Ok(addr));
+                        sent = true;
+                    }
+                }
+                eprintln!("[trident] {line}");
+            }
+            if !sent {
+                let _ = tx.send(Err("trident exited before listening".to_string()));
+            }
+        });
+        self.address = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("trident did not start in time")
+            .expect("trident failed to start");
+        self.child = Some(child);
+    }
+
+    /// Stops the server with SIGTERM (it destroys its runners) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc_kill(child.id() as i32, 15) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server with SIGKILL: nothing is cleaned up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/api/v1{path}", self.address)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => r.header("Poseidon-Token", t),
+            None => r,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> reqwest::Response {
+        self.request(method, path).json(&body).send().await.unwrap()
+    }
+
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> reqwest::Response {
+        self.request(method, path)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_environment(&self, id: u64, pool: u32, memory_mb: u32) {
+        let response = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/execution-environments/{id}"),
+                environment(id, pool, memory_mb),
+            )
+            .await;
+        assert!(
+            response.status().is_success(),
+            "PUT environment: {}",
+            response.status()
+        );
+    }
+
+    pub async fn claim(&self, env: u64, inactivity_timeout: u64) -> String {
+        let response = self
+            .send(
+                reqwest::Method::POST,
+                "/runners",
+                json!({"executionEnvironmentId": env, "inactivityTimeout": inactivity_timeout}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "claim");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["mappedPorts"], json!([]));
+        body["runnerId"].as_str().unwrap().to_string()
+    }
+
+    pub async fn copy(&self, runner: &str, files: &[(&str, &str)]) {
+        let copy: Vec<Value> = files
+            .iter()
+            .map(|(path, content)| json!({"path": path, "content": b64(content)}))
+            .collect();
+        let response = self
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/runners/{runner}/files"),
+                json!({"copy": copy}),
+            )
+            .await;
+        assert_eq!(response.status(), 204, "copy files");
+    }
+
+    pub async fn list(&self, runner: &str, query: &str) -> Vec<Value> {
+        let response = self.get(&format!("/runners/{runner}/files?{query}")).await;
+        assert_eq!(response.status(), 200, "list files");
+        let body: Value = response.json().await.unwrap();
+        body["files"].as_array().unwrap().clone()
+    }
+
+    /// Prepares and runs an execution; returns every message and the close code.
+    pub async fn execute(&self, runner: &str, body: Value) -> Execution {
+        self.execute_with_input(runner, body, &[]).await
+    }
+
+    pub async fn execute_with_input(&self, runner: &str, body: Value, input: &[&str]) -> Execution {
+        let url = self.websocket_url(runner, body).await;
+        let mut ws = self.connect(&url).await;
+        for text in input {
+            ws.send(Message::Text((*text).into())).await.unwrap();
+        }
+        collect(&mut ws).await
+    }
+
+    pub async fn websocket_url(&self, runner: &str, body: Value) -> String {
+        let response = self
+            .send(
+                reqwest::Method::POST,
+                &format!("/runners/{runner}/execute"),
+                body,
+            )
+            .await;
+        assert_eq!(response.status(), 200, "execute");
+        let v: Value = response.json().await.unwrap();
+        v["websocketUrl"].as_str().unwrap().to_string()
+    }
+
+    pub async fn connect(&self, url: &str) -> Ws {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .unwrap();
+        if let Some(t) = &self.token {
+            request
+                .headers_mut()
+                .insert("Poseidon-Token", t.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket connect")
+            .0
+    }
+
+    /// Waits until the environment's pool reports `idle` idle runners.
+    pub async fn wait_idle(&self, env: u64, idle: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stats: Value = self
+                .get("/statistics/execution-environments")
+                .await
+                .json()
+                .await
+                .unwrap();
+            if stats[env.to_string()]["idleRunners"].as_u64() == Some(idle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pool of {env} never reached {idle} idle: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn cgroup_parent(&self) -> String {
+        let id = std::fs::read_to_string(self.data_dir.join("instance-id")).unwrap();
+        format!("trident/{}", id.trim())
+    }
+
+    /// Runner cgroups of this server that exist right now.
+    pub fn runner_cgroups(&self) -> Vec<String> {
+        let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        };
+        match std::fs::read_dir(root.join(self.cgroup_parent())) {
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Debug)]
+pub struct Execution {
+    pub messages: Vec<Value>,
+    pub close_code: Option<u16>,
+}
+
+impl Execution {
+    pub fn stdout(&self) -> String {
+        self.stream("stdout")
+    }
+    pub fn stderr(&self) -> String {
+        self.stream("stderr")
+    }
+    fn stream(&self, kind: &str) -> String {
+        self.messages
+            .iter()
+            .filter(|m| m["type"] == kind)
+            .map(|m| m["data"].as_str().unwrap().to_string())
+            .collect()
+    }
+    pub fn last(&self) -> &Value {
+        self.messages.last().expect("messages")
+    }
+    /// Checks the protocol: `start` first, exactly one terminal message, last, then 1000.
+    pub fn assert_well_formed(&self) {
+        assert_eq!(
+            self.messages.first(),
+            Some(&json!({"type": "start"})),
+            "{self:?}"
+        );
+        let terminals = self
+            .messages
+            .iter()
+            .filter(|m| matches!(m["type"].as_str(), Some("exit" | "timeout" | "error")))
+            .count();
+        assert_eq!(terminals, 1, "{self:?}");
+        assert!(matches!(
+            self.last()["type"].as_str(),
+            Some("exit" | "timeout" | "error")
+        ));
+        assert_eq!(self.close_code, Some(1000), "{self:?}");
+        for m in &self.messages {
+            let keys: Vec<&String> = m.as_object().unwrap().keys().collect();
+            match m["type"].as_str().unwrap() {
+                "start" | "timeout" => assert_eq!(keys.len(), 1, "{m}"),
+                _ => assert_eq!(keys.len(), 2, "{m}"),
+            }
+        }
+    }
+}
+
+pub async fn collect(ws: &mut Ws) -> Execution {
+    let mut messages = Vec::new();
+    let mut close_code = None;
+    let read = async {
+        while let Some(message) = ws.next().await {
+            match message {
+                Ok(Message::Text(text)) => messages.push(serde_json::from_str(&text).unwrap()),
+                Ok(Message::Close(frame)) => {
+                    close_code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    // A bound so that a hang fails the test instead of the CI run.
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("execution did not finish");
+    let _ = CloseCode::Normal;
+    Execution {
+        messages,
+        close_code,
+    }
+}
+
+pub fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+pub fn environment(id: u64, pool: u32, memory_mb: u32) -> Value {
+    json!({"id": id, "image": "host", "prewarmingPoolSize": pool, "cpuLimit": 20,
+           "memoryLimit": memory_mb, "networkAccess": false, "exposedPorts": []})
+}
+
+pub fn exec(command: &str) -> Value {
+    json!({"command": command})
+}
