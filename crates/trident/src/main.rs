@@ -1,9 +1,10 @@
 //! The `trident` binary: `serve` (the service), `bench` (a load client that prints a
-//! table), and the hidden `runner-init` that the native sandbox re-executes for each runner.
+//! table), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that the native sandbox re-executes for each runner.
 
 mod bench;
 mod config;
 mod serve;
+mod ws;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,8 @@ enum Command {
     Serve(config::ServeArgs),
     /// Measure a running server: runner claim, file copy, execute round trip.
     Bench(bench::BenchArgs),
+    /// Connect to an execution's WebSocket URL and print its messages (stdin lines are sent).
+    Ws(ws::WsArgs),
     /// Internal: the init process of one runner (started by `serve`, never by hand).
     #[command(hide = true)]
     RunnerInit { dir: PathBuf },
@@ -43,6 +46,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve::run(settings))
+        }
+        Command::Ws(args) => {
+            init_logging("warn");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(ws::run(args))
         }
         Command::Bench(args) => {
             init_logging("warn");

@@ -23,21 +23,13 @@ pub struct Server {
     config: Option<PathBuf>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub token: Option<String>,
     pub config_yaml: Option<String>,
     pub data_dir: Option<PathBuf>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            token: None,
-            config_yaml: None,
-            data_dir: None,
-        }
-    }
-}
 
 impl Server {
     pub fn start() -> Server {
