@@ -81,8 +81,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes a ready runner: its processes are started and it accepts work.
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>>;
 
-    /// Removes whatever earlier lives of this server left behind (runners, cgroups, files).
-    async fn sweep(&self) -> BackendResult<()>;
+    /// Takes over a runner made by an earlier life of this server, after checking that it is
+    /// alive and is the runner it claims to be.
+    async fn adopt(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>>;
+
+    /// Removes every runner of this server (processes, cgroups, files) not named in `keep`:
+    /// what a crash left behind between making a runner and recording it, or the reverse.
+    async fn sweep(&self, keep: &[String]) -> BackendResult<()>;
 }
 
 /// One runner inside an engine.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::task::TaskTracker;
 
 use crate::backend::{Backend, BackendError, ExecSpec, FileDownload, RunnerSpec, Sandbox};
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ use crate::model::{
     EnvironmentId, EnvironmentStatistics, ExecutionEnvironment, ExecutionRequest, FileCopy,
     FileHeader, MappedPort,
 };
-use crate::store::EnvironmentStore;
+use crate::store::{RunnerRecord, Store};
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -55,16 +56,21 @@ pub struct Manager {
 
 struct Inner {
     backend: Arc<dyn Backend>,
-    store: Arc<dyn EnvironmentStore>,
+    store: Arc<dyn Store>,
     config: ManagerConfig,
     state: Mutex<State>,
     creation_slots: Semaphore,
+    /// Runner creations and destructions in the background, so that a shutdown that
+    /// destroys everything can wait for the ones in flight.
+    background: TaskTracker,
 }
 
 #[derive(Default)]
 struct State {
     pools: BTreeMap<EnvironmentId, Pool>,
     used: HashMap<String, Arc<Runner>>,
+    /// Set when the server destroys everything on its way out: no runner is made any more.
+    closing: bool,
 }
 
 struct Pool {
@@ -85,6 +91,8 @@ struct Pool {
 pub struct Runner {
     pub id: String,
     pub environment_id: EnvironmentId,
+    /// The environment as it was when this runner was made (its shape).
+    made_for: ExecutionEnvironment,
     generation: u64,
     sandbox: Box<dyn Sandbox>,
     end: watch::Sender<Option<RunnerEnd>>,
@@ -110,6 +118,15 @@ impl Runner {
     pub fn mapped_ports(&self) -> Vec<MappedPort> {
         self.sandbox.mapped_ports()
     }
+
+    fn record(&self, used: bool, inactivity_timeout: u64) -> RunnerRecord {
+        RunnerRecord {
+            id: self.id.clone(),
+            environment: self.made_for.clone(),
+            used,
+            inactivity_timeout,
+        }
+    }
 }
 
 fn lock(inner: &Inner) -> MutexGuard<'_, State> {
@@ -120,11 +137,7 @@ fn lock(inner: &Inner) -> MutexGuard<'_, State> {
 }
 
 impl Manager {
-    pub fn new(
-        backend: Arc<dyn Backend>,
-        store: Arc<dyn EnvironmentStore>,
-        config: ManagerConfig,
-    ) -> Manager {
+    pub fn new(backend: Arc<dyn Backend>, store: Arc<dyn Store>, config: ManagerConfig) -> Manager {
         let slots = config.max_concurrent_creations.max(1);
         Manager {
             inner: Arc::new(Inner {
@@ -133,28 +146,112 @@ impl Manager {
                 config,
                 state: Mutex::new(State::default()),
                 creation_slots: Semaphore::new(slots),
+                background: TaskTracker::new(),
             }),
         }
     }
 
-    /// Loads the stored environments and starts filling their pools.
-    pub fn restore(&self) -> Result<usize> {
-        let envs = self
-            .inner
-            .store
-            .load_environments()
-            .map_err(Error::Internal)?;
-        let count = envs.len();
-        let mut state = lock(&self.inner);
-        for env in envs {
-            if let Err(reason) = self.inner.backend.validate(&env) {
-                tracing::warn!(id = env.id, %reason, "stored environment cannot make runners now");
+    /// Loads the stored environments, takes over the runners an earlier life of the server
+    /// left running (idle ones back into their pools, used ones with their inactivity timer
+    /// restarted in full), removes every other trace of runners, and starts filling pools.
+    pub async fn restore(&self) -> Result<RestoreReport> {
+        let inner = &self.inner;
+        let envs = inner.store.load_environments().map_err(Error::Internal)?;
+        let records = inner.store.load_runners().map_err(Error::Internal)?;
+        let mut adopted = Vec::new();
+        let mut report = RestoreReport {
+            environments: envs.len(),
+            ..RestoreReport::default()
+        };
+        for record in records {
+            let current = envs.iter().find(|e| e.id == record.environment.id);
+            // Idle runners of an outdated shape are not worth keeping; used ones are the
+            // client's and stay.
+            let wanted = current
+                .is_some_and(|env| record.used || env.same_runner_shape(&record.environment));
+            let sandbox = if wanted {
+                let spec = RunnerSpec {
+                    runner_id: record.id.clone(),
+                    environment: record.environment.clone(),
+                };
+                match inner.backend.adopt(spec).await {
+                    Ok(sandbox) => Some(sandbox),
+                    Err(e) => {
+                        tracing::warn!(runner = %record.id, error = %e, "runner lost while trident was down");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match sandbox {
+                Some(sandbox) => adopted.push((record, sandbox)),
+                None => {
+                    report.dropped += 1;
+                    inner
+                        .store
+                        .delete_runner(&record.id)
+                        .map_err(Error::Internal)?;
+                }
             }
-            let id = env.id;
-            state.pools.insert(id, Pool::new(env));
-            self.inner.reconcile(&mut state, id);
         }
-        Ok(count)
+        let keep: Vec<String> = adopted.iter().map(|(r, _)| r.id.clone()).collect();
+        inner
+            .backend
+            .sweep(&keep)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+
+        let mut timers = Vec::new();
+        {
+            let mut state = lock(inner);
+            for env in envs {
+                if let Err(reason) = inner.backend.validate(&env) {
+                    tracing::warn!(id = env.id, %reason, "stored environment cannot make runners now");
+                }
+                state.pools.insert(env.id, Pool::new(env));
+            }
+            for (record, sandbox) in adopted {
+                let timeout = (record.inactivity_timeout > 0)
+                    .then(|| Duration::from_secs(record.inactivity_timeout));
+                let runner = Arc::new(Runner {
+                    id: record.id.clone(),
+                    environment_id: record.environment.id,
+                    made_for: record.environment,
+                    generation: 0,
+                    sandbox,
+                    end: watch::channel(None).0,
+                    activity: Mutex::new(Activity {
+                        inactivity_timeout: timeout,
+                        last: Instant::now(),
+                        pending: HashMap::new(),
+                    }),
+                });
+                let pool = state
+                    .pools
+                    .get_mut(&runner.environment_id)
+                    .expect("checked above");
+                if record.used {
+                    pool.used += 1;
+                    report.used += 1;
+                    if timeout.is_some() {
+                        timers.push(runner.clone());
+                    }
+                    state.used.insert(runner.id.clone(), runner);
+                } else {
+                    report.idle += 1;
+                    pool.idle.push_back(runner);
+                }
+            }
+            let ids: Vec<EnvironmentId> = state.pools.keys().copied().collect();
+            for id in ids {
+                inner.reconcile(&mut state, id);
+            }
+        }
+        for runner in timers {
+            tokio::spawn(inactivity_timer(Arc::downgrade(inner), runner));
+        }
+        Ok(report)
     }
 
     // ---- environments ------------------------------------------------------------------
@@ -351,6 +448,16 @@ impl Manager {
             activity.inactivity_timeout =
                 (!inactivity_timeout.is_zero()).then_some(inactivity_timeout);
         }
+        // Recorded before the client hears of it: after a crash, a runner a client holds
+        // must come back as used, never as idle for someone else.
+        let record = runner.record(true, inactivity_timeout.as_secs());
+        if let Err(e) = inner.store.save_runner(&record) {
+            if let Some(runner) = lock(inner).used.remove(&runner.id) {
+                inner.release(&runner);
+                inner.destroy_in_background(runner, RunnerEnd::Deleted);
+            }
+            return Err(Error::Internal(format!("recording the runner: {e}")));
+        }
         if !inactivity_timeout.is_zero() {
             tokio::spawn(inactivity_timer(Arc::downgrade(inner), runner.clone()));
         }
@@ -372,7 +479,7 @@ impl Manager {
             .remove(id)
             .ok_or_else(|| Error::RunnerNotFound(id.to_string()))?;
         self.inner.release(&runner);
-        Inner::destroy(runner, RunnerEnd::Deleted).await;
+        self.inner.destroy(runner, RunnerEnd::Deleted).await;
         Ok(())
     }
 
@@ -468,22 +575,44 @@ impl Manager {
         Ok(execution::spawn(started, limit, ended))
     }
 
-    /// Destroys every runner (idle and used), for a clean shutdown.
-    pub async fn shutdown(&self) {
+    /// Destroys every runner (idle and used), for a shutdown that leaves nothing behind.
+    /// Without it, runners keep running and the next start takes them over.
+    pub async fn destroy_all_runners(&self) {
+        {
+            let mut state = lock(&self.inner);
+            state.closing = true;
+            for pool in state.pools.values_mut() {
+                pool.generation += 1; // queued creations skip, landing ones are destroyed
+            }
+        }
+        self.inner.background.close();
+        self.inner.background.wait().await;
         let runners: Vec<Arc<Runner>> = {
             let mut state = lock(&self.inner);
             let mut all: Vec<_> = state.used.drain().map(|(_, r)| r).collect();
             for pool in state.pools.values_mut() {
-                pool.generation += 1; // creations in flight are discarded when they land
+                pool.used = 0;
                 all.extend(pool.idle.drain(..));
             }
             all
         };
-        let destroys = runners
-            .into_iter()
-            .map(|r| Inner::destroy(r, RunnerEnd::Deleted));
+        let inner = self.inner.clone();
+        let destroys = runners.into_iter().map(move |r| {
+            let inner = inner.clone();
+            async move { inner.destroy(r, RunnerEnd::Deleted).await }
+        });
         futures_join_all(destroys).await;
     }
+}
+
+/// What `Manager::restore` found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub environments: usize,
+    pub idle: usize,
+    pub used: usize,
+    /// Records of runners that were gone or no longer wanted.
+    pub dropped: usize,
 }
 
 async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
@@ -523,6 +652,9 @@ impl Pool {
 impl Inner {
     /// Starts creations or destroys idle runners until the pool has what it should.
     fn reconcile(self: &Arc<Self>, state: &mut State, env_id: EnvironmentId) {
+        if state.closing {
+            return;
+        }
         let Some(pool) = state.pools.get_mut(&env_id) else {
             return;
         };
@@ -538,7 +670,8 @@ impl Inner {
             pool.creating += 1;
             let generation = pool.generation;
             let env = pool.env.clone();
-            tokio::spawn(self.clone().create_runner(env, generation));
+            self.background
+                .spawn(self.clone().create_runner(env, generation));
         }
     }
 
@@ -556,12 +689,13 @@ impl Inner {
             let runner_id = format!("{env_id}-{}", uuid::Uuid::new_v4());
             let spec = RunnerSpec {
                 runner_id: runner_id.clone(),
-                environment: env,
+                environment: env.clone(),
             };
             Some(self.backend.create_runner(spec).await.map(|sandbox| {
                 Arc::new(Runner {
                     id: runner_id,
                     environment_id: env_id,
+                    made_for: env,
                     generation,
                     sandbox,
                     end: watch::channel(None).0,
@@ -587,9 +721,17 @@ impl Inner {
         pool.creating -= 1;
         match created {
             Some(Ok(runner)) if runner.generation == pool.generation => {
-                pool.consecutive_failures = 0;
-                pool.idle.push_back(runner);
-                pool.available.notify_waiters();
+                match self.store.save_runner(&runner.record(false, 0)) {
+                    Ok(()) => {
+                        pool.consecutive_failures = 0;
+                        pool.idle.push_back(runner);
+                        pool.available.notify_waiters();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "recording a new runner failed");
+                        self.destroy_in_background(runner, RunnerEnd::Deleted);
+                    }
+                }
             }
             Some(Ok(runner)) => self.destroy_in_background(runner, RunnerEnd::Deleted),
             Some(Err(e)) => {
@@ -626,14 +768,24 @@ impl Inner {
     }
 
     fn destroy_in_background(&self, runner: Arc<Runner>, why: RunnerEnd) {
-        tokio::spawn(Inner::destroy(runner, why));
+        let store = self.store.clone();
+        self.background.spawn(destroy(store, runner, why));
     }
 
-    async fn destroy(runner: Arc<Runner>, why: RunnerEnd) {
-        runner.end.send_replace(Some(why));
-        runner.sandbox.destroy().await;
-        tracing::debug!(runner = %runner.id, ?why, "runner destroyed");
+    async fn destroy(&self, runner: Arc<Runner>, why: RunnerEnd) {
+        destroy(self.store.clone(), runner, why).await;
     }
+}
+
+/// Ends a runner: its executions hear why, its sandbox goes, then its record (a crash in
+/// between leaves a record whose runner is gone, which the next start drops).
+async fn destroy(store: Arc<dyn Store>, runner: Arc<Runner>, why: RunnerEnd) {
+    runner.end.send_replace(Some(why));
+    runner.sandbox.destroy().await;
+    if let Err(e) = store.delete_runner(&runner.id) {
+        tracing::error!(runner = %runner.id, error = %e, "forgetting a destroyed runner failed");
+    }
+    tracing::debug!(runner = %runner.id, ?why, "runner destroyed");
 }
 
 /// Destroys the runner once it has seen no activity for its inactivity timeout.
@@ -657,6 +809,6 @@ async fn inactivity_timer(inner: std::sync::Weak<Inner>, runner: Arc<Runner>) {
     if let Some(runner) = removed {
         tracing::info!(runner = %runner.id, "inactivity timeout: destroying runner");
         inner.release(&runner);
-        Inner::destroy(runner, RunnerEnd::InactivityTimeout).await;
+        inner.destroy(runner, RunnerEnd::InactivityTimeout).await;
     }
 }

@@ -1,35 +1,33 @@
 //! Persistence as the core needs it; implemented by `trident-store` (SQLite).
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::{EnvironmentId, ExecutionEnvironment};
 
-pub trait EnvironmentStore: Send + Sync + 'static {
-    fn load_environments(&self) -> anyhow_like::Result<Vec<ExecutionEnvironment>>;
-    /// Must be durable when it returns: the API acknowledges right after.
-    fn save_environment(&self, env: &ExecutionEnvironment) -> anyhow_like::Result<()>;
-    fn delete_environment(&self, id: EnvironmentId) -> anyhow_like::Result<()>;
+/// Stores report failures as plain messages; the core turns them into `Error::Internal`.
+pub type StoreResult<T> = std::result::Result<T, String>;
+
+/// A runner as it must be remembered across a restart of the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunnerRecord {
+    pub id: String,
+    /// The environment as it was when the runner was made: its shape decides whether the
+    /// runner may still serve the environment after a restart.
+    pub environment: ExecutionEnvironment,
+    /// Claimed by a client (else idle in its pool).
+    pub used: bool,
+    /// Seconds; 0 = none.
+    pub inactivity_timeout: u64,
 }
 
-/// The store reports failures as plain messages; the core turns them into `Error::Internal`.
-pub mod anyhow_like {
-    pub type Result<T> = std::result::Result<T, String>;
-}
+pub trait Store: Send + Sync + 'static {
+    fn load_environments(&self) -> StoreResult<Vec<ExecutionEnvironment>>;
+    /// Must be durable when it returns, even across a power cut: the API acknowledges right after.
+    fn save_environment(&self, env: &ExecutionEnvironment) -> StoreResult<()>;
+    fn delete_environment(&self, id: EnvironmentId) -> StoreResult<()>;
 
-/// A store that keeps nothing, for tools (the bench client) and unit tests of the core.
-#[derive(Default)]
-pub struct MemoryStore(std::sync::Mutex<Vec<ExecutionEnvironment>>);
-
-impl EnvironmentStore for MemoryStore {
-    fn load_environments(&self) -> anyhow_like::Result<Vec<ExecutionEnvironment>> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-    fn save_environment(&self, env: &ExecutionEnvironment) -> anyhow_like::Result<()> {
-        let mut all = self.0.lock().unwrap();
-        all.retain(|e| e.id != env.id);
-        all.push(env.clone());
-        Ok(())
-    }
-    fn delete_environment(&self, id: EnvironmentId) -> anyhow_like::Result<()> {
-        self.0.lock().unwrap().retain(|e| e.id != id);
-        Ok(())
-    }
+    fn load_runners(&self) -> StoreResult<Vec<RunnerRecord>>;
+    /// Must survive a crash of the server process (runners do not survive a power cut).
+    fn save_runner(&self, runner: &RunnerRecord) -> StoreResult<()>;
+    fn delete_runner(&self, id: &str) -> StoreResult<()>;
 }

@@ -1,13 +1,14 @@
 //! The server side of the native sandbox: starts runner-inits, talks to them over their
 //! control sockets, and tears runners down through their cgroups.
 
+use std::collections::HashSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -78,7 +79,15 @@ pub struct NativeBackend {
     cgroup_parent: String,
     runners_dir: PathBuf,
     exe: PathBuf,
+    /// Ids of the runners this server is making or holds. Anything else found under our
+    /// cgroup parent or runners dir is debris (e.g. a runner-init that an earlier life of the
+    /// server started just before it crashed) and the janitor removes it.
+    known: Arc<Mutex<HashSet<String>>>,
+    janitor_started: AtomicBool,
 }
+
+/// How often leftovers nobody knows of are looked for.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
 impl NativeBackend {
     pub fn new(config: NativeConfig) -> anyhow::Result<NativeBackend> {
@@ -93,6 +102,8 @@ impl NativeBackend {
             runners_dir,
             exe: std::env::current_exe()?,
             config,
+            known: Arc::default(),
+            janitor_started: AtomicBool::new(false),
         })
     }
 
@@ -127,6 +138,16 @@ impl NativeBackend {
     }
 
     async fn start(&self, spec: InitSpec) -> BackendResult<NativeSandbox> {
+        // Known before anything exists on disk, so that the janitor never races a creation.
+        self.known.lock().unwrap().insert(spec.runner_id.clone());
+        let result = self.start_known(spec.clone()).await;
+        if result.is_err() {
+            self.known.lock().unwrap().remove(&spec.runner_id);
+        }
+        result
+    }
+
+    async fn start_known(&self, spec: InitSpec) -> BackendResult<NativeSandbox> {
         let dir = spec.dir.clone();
         std::fs::create_dir_all(&dir).map_err(failed)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
@@ -164,12 +185,14 @@ impl NativeBackend {
         drop(ready_w);
 
         let sandbox = NativeSandbox {
+            id: spec.runner_id.clone(),
             cgroups: self.cgroups.clone(),
             cgroup: spec.cgroup.clone(),
             socket: spec.socket_path(),
             dir: dir.clone(),
             child: Mutex::new(Some(child)),
             destroyed: AtomicBool::new(false),
+            known: self.known.clone(),
         };
         let wait_ready = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
@@ -227,34 +250,115 @@ impl Backend for NativeBackend {
         Ok(Box::new(self.start(init).await?))
     }
 
-    async fn sweep(&self) -> BackendResult<()> {
-        let cgroups = self.cgroups.clone();
-        let parent = self.cgroup_parent.clone();
-        let runners_dir = self.runners_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let leftovers = cgroups.children(&parent);
-            for name in &leftovers {
-                cgroups.kill_all(name);
-                cgroups.remove(name);
+    async fn adopt(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
+        let sandbox = NativeSandbox {
+            id: spec.runner_id.clone(),
+            cgroups: self.cgroups.clone(),
+            cgroup: format!("{}/{}", self.cgroup_parent, spec.runner_id),
+            socket: self.runners_dir.join(&spec.runner_id).join("control.sock"),
+            dir: self.runners_dir.join(&spec.runner_id),
+            // Its runner-init is no child of ours any more: the cgroup is how we end it.
+            child: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+            known: self.known.clone(),
+        };
+        // A live runner-init answers on its socket with its own id; a dead one's socket
+        // refuses the connection (pids may be reused, sockets are not).
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), sandbox.call(Request::Ping)).await;
+        match answer {
+            Ok(Ok((Response::Pong { runner_id }, _))) if runner_id == spec.runner_id => {
+                self.known.lock().unwrap().insert(runner_id);
+                Ok(Box::new(sandbox))
             }
-            if !leftovers.is_empty() {
-                tracing::info!(
-                    count = leftovers.len(),
-                    "removed runners left by an earlier run"
-                );
-            }
-            if let Ok(entries) = std::fs::read_dir(&runners_dir) {
-                for entry in entries.flatten() {
+            Ok(Ok((other, _))) => Err(BackendError::Failed(format!(
+                "runner {} answered as {other:?}",
+                spec.runner_id
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BackendError::Failed(format!(
+                "runner {} did not answer",
+                spec.runner_id
+            ))),
+        }
+    }
+
+    async fn sweep(&self, keep: &[String]) -> BackendResult<()> {
+        let debris = Debris {
+            cgroups: self.cgroups.clone(),
+            parent: self.cgroup_parent.clone(),
+            runners_dir: self.runners_dir.clone(),
+            known: self.known.clone(),
+        };
+        // Adopted runners are known already; `keep` names them for backends without a
+        // registry of their own.
+        self.known.lock().unwrap().extend(keep.iter().cloned());
+        let removed = {
+            let debris = debris.clone();
+            tokio::task::spawn_blocking(move || debris.remove_unknown())
+                .await
+                .map_err(failed)?
+        };
+        if removed > 0 {
+            tracing::info!(count = removed, "removed runners nobody knows of");
+        }
+        if !self.janitor_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(JANITOR_INTERVAL).await;
+                    let debris = debris.clone();
+                    let removed = tokio::task::spawn_blocking(move || debris.remove_unknown())
+                        .await
+                        .unwrap_or(0);
+                    if removed > 0 {
+                        tracing::info!(count = removed, "janitor removed runner debris");
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Finds and removes runners of this instance that are not in a given set.
+#[derive(Clone)]
+struct Debris {
+    cgroups: Cgroups,
+    parent: String,
+    runners_dir: PathBuf,
+    known: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Debris {
+    /// Removes what belongs to no known runner; returns how many runner cgroups went.
+    /// `known` is consulted after listing: an id is known before its runner touches the
+    /// disk, so a runner being made right now is never mistaken for debris.
+    fn remove_unknown(&self) -> usize {
+        let is_known = |name: &str| self.known.lock().unwrap().contains(name);
+        let leftovers: Vec<String> = self
+            .cgroups
+            .children(&self.parent)
+            .into_iter()
+            .filter(|name| !is_known(name.rsplit('/').next().unwrap_or_default()))
+            .collect();
+        for name in &leftovers {
+            self.cgroups.kill_all(name);
+            self.cgroups.remove(name);
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.runners_dir) {
+            for entry in entries.flatten() {
+                if !is_known(entry.file_name().to_string_lossy().as_ref()) {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
-        })
-        .await
-        .map_err(failed)
+        }
+        leftovers.len()
     }
 }
 
 pub struct NativeSandbox {
+    id: String,
+    known: Arc<Mutex<HashSet<String>>>,
     cgroups: Cgroups,
     cgroup: String,
     socket: PathBuf,
@@ -420,17 +524,21 @@ impl Sandbox for NativeSandbox {
         }
         let cgroups = self.cgroups.clone();
         let cgroup = self.cgroup.clone();
-        let dir = self.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            cgroups.kill_all(&cgroup);
-            cgroups.remove(&cgroup);
-            let _ = std::fs::remove_dir_all(&dir);
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || cgroups.kill_all(&cgroup)).await;
+        // A dead but unreaped runner-init still pins its cgroup: reap before removing it.
         let child = self.child.lock().unwrap().take();
         if let Some(mut child) = child {
             let _ = child.wait().await;
         }
+        let cgroups = self.cgroups.clone();
+        let cgroup = self.cgroup.clone();
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            cgroups.remove(&cgroup);
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+        self.known.lock().unwrap().remove(&self.id);
     }
 }
 

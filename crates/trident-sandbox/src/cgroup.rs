@@ -189,10 +189,7 @@ impl Cgroups {
     }
 
     pub fn processes(&self, name: &str) -> Vec<i32> {
-        let dir = self.controller_dir("pids", name);
-        fs::read_to_string(dir.join("cgroup.procs"))
-            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
+        read_pids(&self.controller_dir("pids", name))
     }
 
     /// Kills every process in the cgroup and waits until it is empty. The cgroup is frozen
@@ -218,39 +215,61 @@ impl Cgroups {
         for round in 0..2000u32 {
             let pids = self.processes(name);
             if pids.is_empty() {
-                return;
+                break;
             }
             for pid in pids {
                 // SAFETY: plain kill(2) on a pid read from the cgroup.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             // Frozen processes die only when thawed; SIGKILL is delivered on thaw.
-            match self.version {
-                CgroupVersion::V1 => {
-                    let _ = write(
-                        &self.controller_dir("freezer", name),
-                        "freezer.state",
-                        "THAWED",
-                    );
-                }
-                CgroupVersion::V2 => {
-                    let dir = Path::new(ROOT).join(name);
-                    if !dir.join("cgroup.kill").exists() {
-                        let _ = write(&dir, "cgroup.freeze", "0");
-                    }
-                }
-            }
+            self.thaw(name);
             std::thread::sleep(Duration::from_micros(200 * u64::from(round.min(50) + 1)));
         }
-        tracing::warn!(cgroup = name, "processes survived SIGKILL for seconds");
+        self.thaw(name);
+        if !self.processes(name).is_empty() {
+            tracing::warn!(cgroup = name, "processes survived SIGKILL for seconds");
+        }
     }
 
-    /// Removes the cgroup (it must be empty).
+    /// Never leave a cgroup frozen: a process joining it later would hang there for good.
+    fn thaw(&self, name: &str) {
+        match self.version {
+            CgroupVersion::V1 => {
+                let _ = write(
+                    &self.controller_dir("freezer", name),
+                    "freezer.state",
+                    "THAWED",
+                );
+            }
+            CgroupVersion::V2 => {
+                let _ = write(&Path::new(ROOT).join(name), "cgroup.freeze", "0");
+            }
+        }
+    }
+
+    /// Removes the cgroup once it is empty. Killed processes leave it a moment after they
+    /// die (when their parent reaps them), so a busy cgroup is retried for a while.
     pub fn remove(&self, name: &str) {
         for dir in self.dirs(name) {
-            if dir.exists() {
-                if let Err(e) = fs::remove_dir(&dir) {
-                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove cgroup");
+            let mut attempt = 0;
+            loop {
+                match fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 100 => {
+                        // Someone may have joined since the kill (a runner-init still
+                        // starting up): kill again.
+                        attempt += 1;
+                        for pid in read_pids(&dir) {
+                            // SAFETY: plain kill(2) on a pid read from the cgroup.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove cgroup");
+                        break;
+                    }
                 }
             }
         }
@@ -268,6 +287,12 @@ impl Cgroups {
             .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
             .collect()
     }
+}
+
+fn read_pids(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 fn enable_v2_controllers(dir: &Path) -> io::Result<()> {

@@ -105,7 +105,12 @@ fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
         let _ = signal(Signal::SIGCHLD, SigHandler::SigIgn);
         let _ = signal(Signal::SIGPIPE, SigHandler::SigIgn);
     }
-    let _ = ready.write_all(b"ok");
+    // The server reads the other end. If it died while we were starting, nobody will ever
+    // use or record this runner: end it now (the next start's janitor removes the rest).
+    if ready.write_all(b"ok").is_err() {
+        eprintln!("runner-init: the server went away while the runner started");
+        std::process::exit(3);
+    }
     drop(ready);
     loop {
         let stream = match listener.accept() {
@@ -169,7 +174,9 @@ fn handle(spec: &InitSpec, stream: &UnixStream) -> io::Result<()> {
     };
     let reply = |r: Response| send_frame(stream, &r, &[]);
     match request {
-        Request::Ping => reply(Response::Pong),
+        Request::Ping => reply(Response::Pong {
+            runner_id: spec.runner_id.clone(),
+        }),
         Request::Exec {
             command,
             privileged,

@@ -55,7 +55,10 @@ pub enum Response {
     Opened {
         size: u64,
     },
-    Pong,
+    /// Names the runner, so that the server can tell its own runner from a stale socket.
+    Pong {
+        runner_id: String,
+    },
     /// The path cannot be listed or read (HTTP 424).
     Unavailable(String),
     /// The request is invalid (HTTP 400).

@@ -1,30 +1,48 @@
-//! trident's durable state in embedded SQLite (WAL mode, synchronous writes): what the API
-//! acknowledges is on disk before the answer leaves.
+//! trident's durable state in embedded SQLite (WAL mode).
+//!
+//! Two connections to one file, for two kinds of durability: environments are written with
+//! `synchronous=FULL` (an acknowledged PUT survives a power cut); runner records with
+//! `synchronous=NORMAL` (they survive a crash of the process, which is all they need: a
+//! power cut takes the runners themselves with it), so that claims do not wait for fsync.
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
 use trident_core::model::{EnvironmentId, ExecutionEnvironment};
-use trident_core::store::{anyhow_like, EnvironmentStore};
+use trident_core::store::{RunnerRecord, Store, StoreResult};
 
 pub struct SqliteStore {
+    /// Environments: synchronous=FULL.
     conn: Mutex<Connection>,
+    /// Runner records: synchronous=NORMAL.
+    runners: Mutex<Connection>,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE environments (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE environments (
         id INTEGER PRIMARY KEY,
         definition TEXT NOT NULL
-    )"];
+    )",
+    "CREATE TABLE runners (
+        id TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    )",
+];
+
+fn open_connection(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
 
 impl SqliteStore {
     pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a commit is on disk when it returns, even across a power cut.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = open_connection(path, "FULL")?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > MIGRATIONS.len() {
             anyhow::bail!(
@@ -38,12 +56,13 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            runners: Mutex::new(open_connection(path, "NORMAL")?),
         })
     }
 }
 
-impl EnvironmentStore for SqliteStore {
-    fn load_environments(&self) -> anyhow_like::Result<Vec<ExecutionEnvironment>> {
+impl Store for SqliteStore {
+    fn load_environments(&self) -> StoreResult<Vec<ExecutionEnvironment>> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn
             .prepare("SELECT definition FROM environments ORDER BY id")
@@ -59,7 +78,7 @@ impl EnvironmentStore for SqliteStore {
         Ok(envs)
     }
 
-    fn save_environment(&self, env: &ExecutionEnvironment) -> anyhow_like::Result<()> {
+    fn save_environment(&self, env: &ExecutionEnvironment) -> StoreResult<()> {
         let json = serde_json::to_string(env).map_err(|e| e.to_string())?;
         self.conn
             .lock()
@@ -73,11 +92,50 @@ impl EnvironmentStore for SqliteStore {
             .map_err(|e| e.to_string())
     }
 
-    fn delete_environment(&self, id: EnvironmentId) -> anyhow_like::Result<()> {
+    fn delete_environment(&self, id: EnvironmentId) -> StoreResult<()> {
         self.conn
             .lock()
             .unwrap()
             .execute("DELETE FROM environments WHERE id = ?1", params![id as i64])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn load_runners(&self) -> StoreResult<Vec<RunnerRecord>> {
+        let conn = self.runners.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT record FROM runners ORDER BY id")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        let mut runners = Vec::new();
+        for row in rows {
+            let json = row.map_err(|e| e.to_string())?;
+            runners.push(serde_json::from_str(&json).map_err(|e| e.to_string())?);
+        }
+        Ok(runners)
+    }
+
+    fn save_runner(&self, runner: &RunnerRecord) -> StoreResult<()> {
+        let json = serde_json::to_string(runner).map_err(|e| e.to_string())?;
+        self.runners
+            .lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO runners (id, record) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+                params![runner.id, json],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn delete_runner(&self, id: &str) -> StoreResult<()> {
+        self.runners
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM runners WHERE id = ?1", params![id])
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -112,5 +170,39 @@ mod tests {
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.load_environments().unwrap(), vec![env(1, 5)]);
+    }
+
+    #[test]
+    fn runner_records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trident.db");
+        let record = |id: &str, used: bool| RunnerRecord {
+            id: id.into(),
+            environment: env(1, 2),
+            used,
+            inactivity_timeout: 60,
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.save_runner(&record("1-a", false)).unwrap();
+            store.save_runner(&record("1-b", false)).unwrap();
+            store.save_runner(&record("1-a", true)).unwrap();
+            store.delete_runner("1-b").unwrap();
+            store.delete_runner("never-there").unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.load_runners().unwrap(), vec![record("1-a", true)]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trident.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("newer trident"), "{err}");
     }
 }

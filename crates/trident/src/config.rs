@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// A YAML file with the same settings (and the `images:` table)
     #[arg(long, env = "TRIDENT_CONFIG")]
     config: Option<PathBuf>,
+    /// Destroy all runners when stopping (by default they keep running and the next start
+    /// takes them over, so clients keep their runners across a restart)
+    #[arg(long, env = "TRIDENT_DESTROY_RUNNERS_ON_EXIT")]
+    destroy_runners_on_exit: bool,
 }
 
 /// The config file. Every key is optional.
@@ -49,6 +53,9 @@ pub struct FileConfig {
     min_cpu_cores: Option<f64>,
     /// Clock of one core for the cpuLimit MHz → quota conversion (default: /proc/cpuinfo).
     cpu_mhz_per_core: Option<f64>,
+    /// On SIGTERM, how long requests and executions in flight may take before they are cut.
+    shutdown_grace_seconds: Option<u64>,
+    destroy_runners_on_exit: Option<bool>,
     log: Option<String>,
 }
 
@@ -66,6 +73,8 @@ pub struct Settings {
     pub pids_limit: u64,
     pub min_cpu_cores: f64,
     pub cpu_mhz_per_core: Option<f64>,
+    pub shutdown_grace: Duration,
+    pub destroy_runners_on_exit: bool,
     pub log: String,
 }
 
@@ -98,6 +107,9 @@ impl Settings {
             pids_limit: file.pids_limit.unwrap_or(512),
             min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
             cpu_mhz_per_core: file.cpu_mhz_per_core,
+            shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
+            destroy_runners_on_exit: args.destroy_runners_on_exit
+                || file.destroy_runners_on_exit.unwrap_or(false),
             log: file.log.unwrap_or_else(|| "info".into()),
         })
     }

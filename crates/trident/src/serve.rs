@@ -1,5 +1,6 @@
 //! `trident serve`: wires store, backend, core and API together and runs until a signal.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -29,7 +30,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let cgroup_version = backend.cgroup_version();
     let cgroup_parent = backend.cgroup_parent().to_string();
     let backend: Arc<dyn Backend> = Arc::new(backend);
-    backend.sweep().await?;
 
     let manager = Manager::new(
         backend,
@@ -42,7 +42,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ..ManagerConfig::default()
         },
     );
-    let restored = manager.restore()?;
+    let restored = manager.restore().await?;
 
     let app = trident_api::router(
         manager.clone(),
@@ -52,21 +52,83 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
     );
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("listening on {}", settings.listen))?;
+    let listener = listener(&settings).await?;
     let address = listener.local_addr()?;
     tracing::info!(
-        "trident listening on http://{address}/api/v1 (native sandbox, {cgroup_version}, cgroup {cgroup_parent}, data dir {}, {restored} environments restored{})",
+        "trident listening on http://{address}/api/v1 (native sandbox, {cgroup_version}, cgroup {cgroup_parent}, data dir {}, restored {} environments, {} idle and {} used runners{})",
         data_dir.display(),
+        restored.environments,
+        restored.idle,
+        restored.used,
         if settings.token.is_some() { ", token required" } else { "" }
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    tracing::info!("shutting down: destroying runners");
-    manager.shutdown().await;
+    systemd_ready();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let mut stop_rx = stop_rx;
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        result = &mut server => result?,
+        () = shutdown_signal() => {
+            tracing::info!("stopping: no new connections; finishing requests in flight");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_tx.send(true);
+            // WebSockets of running executions may never end by themselves: past the grace
+            // period they are cut, which kills their executions (the runners stay).
+            if tokio::time::timeout(settings.shutdown_grace, &mut server).await.is_err() {
+                tracing::warn!(grace = ?settings.shutdown_grace, "cutting connections still open");
+            }
+        }
+    }
+    if settings.destroy_runners_on_exit {
+        tracing::info!("destroying all runners (--destroy-runners-on-exit)");
+        manager.destroy_all_runners().await;
+    } else {
+        tracing::info!("runners keep running; the next start takes them over");
+    }
     Ok(())
+}
+
+/// A socket handed over by systemd (socket activation: connections queue while trident
+/// restarts), or a fresh one.
+async fn listener(settings: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(std_listener) = fds.take_tcp_listener(0)? {
+        // Runner-inits must never inherit it.
+        nix::fcntl::fcntl(
+            std_listener.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
+        std_listener.set_nonblocking(true)?;
+        tracing::info!("using the listening socket passed by the service manager");
+        return Ok(tokio::net::TcpListener::from_std(std_listener)?);
+    }
+    tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))
+}
+
+/// Tells systemd we are ready and, when it asks for a watchdog, keeps petting it from the
+/// runtime (a wedged runtime stops the pets and systemd restarts the service).
+fn systemd_ready() {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

@@ -18,16 +18,24 @@ pub struct WsArgs {
 
 pub async fn run(args: WsArgs) -> anyhow::Result<()> {
     let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(args.url.as_str())?;
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            args.url.as_str(),
+        )?;
     if let Some(token) = &args.token {
-        request.headers_mut().insert("Poseidon-Token", token.parse()?);
+        request
+            .headers_mut()
+            .insert("Poseidon-Token", token.parse()?);
     }
     let (ws, _) = tokio_tungstenite::connect_async(request).await?;
     let (mut sink, mut stream) = ws.split();
     tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if sink.send(Message::Text(format!("{line}\n").into())).await.is_err() {
+            if sink
+                .send(Message::Text(format!("{line}\n").into()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -21,6 +21,9 @@ pub struct Server {
     pub token: Option<String>,
     pub http: reqwest::Client,
     config: Option<PathBuf>,
+    keep_runners_on_exit: bool,
+    /// Whether the last started process keeps its runners when it stops.
+    started_keeping: bool,
 }
 
 #[derive(Default)]
@@ -28,8 +31,10 @@ pub struct Options {
     pub token: Option<String>,
     pub config_yaml: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// Leave runners running on SIGTERM (the product's default); tests default to
+    /// `--destroy-runners-on-exit` so that no runner outlives its test.
+    pub keep_runners_on_exit: bool,
 }
-
 
 impl Server {
     pub fn start() -> Server {
@@ -62,6 +67,8 @@ impl Server {
             token: options.token,
             http: reqwest::Client::new(),
             config,
+            keep_runners_on_exit: options.keep_runners_on_exit,
+            started_keeping: false,
         };
         server.spawn();
         server
@@ -85,6 +92,10 @@ impl Server {
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
+        if !self.keep_runners_on_exit {
+            cmd.arg("--destroy-runners-on-exit");
+        }
+        self.started_keeping = self.keep_runners_on_exit;
         let mut child = cmd.spawn().expect("start trident");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -111,7 +122,8 @@ impl Server {
         self.child = Some(child);
     }
 
-    /// Stops the server with SIGTERM (it destroys its runners) and waits for it.
+    /// Stops the server with SIGTERM and waits for it (it destroys its runners unless
+    /// `keep_runners_on_exit`).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             unsafe { libc_kill(child.id() as i32, 15) };
@@ -138,6 +150,53 @@ impl Server {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Kills the server with SIGKILL and starts a new one on the same data dir.
+    pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Chooses what SIGTERM does to runners, from the next start of the server on. (Tests
+    /// that keep runners set it back before they end, so that the final stop cleans up.)
+    pub fn set_keep_runners_on_exit(&mut self, keep: bool) {
+        self.keep_runners_on_exit = keep;
+    }
+
+    /// runner-init processes (P0 and P1 of each runner) of this server's data dir.
+    pub fn runner_init_processes(&self) -> usize {
+        let marker = format!(
+            "runner-init\u{0}{}",
+            self.data_dir.canonicalize().unwrap().display()
+        );
+        let mut count = 0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                    count += 1;
+                }
+            }
+        }
+        count
+    }
+
+    /// Host mounts that mention this server's data dir (runner mounts must all live in the
+    /// runners' own mount namespaces).
+    pub fn host_mounts(&self) -> usize {
+        let dir = self.data_dir.canonicalize().unwrap().display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .count()
+    }
+
+    /// Runner directories in the data dir.
+    pub fn runner_dirs(&self) -> usize {
+        std::fs::read_dir(self.data_dir.join("runners"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -320,7 +379,14 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// No runner outlives its test: a server that keeps its runners (or was killed) is
+    /// followed by one that takes them over and destroys them.
     fn drop(&mut self) {
+        if self.started_keeping {
+            self.stop();
+            self.keep_runners_on_exit = false;
+            self.spawn();
+        }
         self.stop();
     }
 }
