@@ -28,6 +28,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
 use crate::cgroup::{Cgroups, Limits};
+use crate::confine::{self, Filters};
 use crate::fileops::{self, FileOpError};
 use crate::protocol::{recv_frame, send_frame, Request, Response};
 use crate::rootfs;
@@ -99,6 +100,10 @@ fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
         Ok(listener) => listener,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
+    let filters = match confine::compile() {
+        Ok(filters) => filters,
+        Err(e) => fail(&mut ready, &e.to_string()),
+    };
     // SAFETY: setting dispositions in a single-threaded process. SIGCHLD ignored = handlers
     // are reaped by the kernel; SIGPIPE ignored = a vanished client is an EPIPE, not a death.
     unsafe {
@@ -125,7 +130,7 @@ fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 drop(listener);
-                let code = match handle(spec, &stream) {
+                let code = match handle(spec, &filters, &stream) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("runner-init: handler: {e}");
@@ -160,11 +165,17 @@ fn build_runner(spec: &InitSpec) -> io::Result<UnixListener> {
     rootfs::pivot(&root)?;
     nix::unistd::sethostname(&spec.hostname).map_err(io::Error::other)?;
     rootfs::loopback_up()?;
+    // Nothing in the runner may ptrace or read the memory of runner-init and its handlers,
+    // which keep every capability (an execution's own processes stay debuggable).
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     Ok(listener)
 }
 
-fn handle(spec: &InitSpec, stream: &UnixStream) -> io::Result<()> {
+fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result<()> {
     // SAFETY: restoring the default in a single-threaded child, so that waitpid works.
     unsafe {
         let _ = signal(Signal::SIGCHLD, SigHandler::SigDfl);
@@ -182,7 +193,16 @@ fn handle(spec: &InitSpec, stream: &UnixStream) -> io::Result<()> {
             privileged,
             environment,
             tty,
-        } => exec(spec, stream, &command, privileged, &environment, tty, fds),
+        } => exec(
+            spec,
+            filters,
+            stream,
+            &command,
+            privileged,
+            &environment,
+            tty,
+            fds,
+        ),
         Request::ListFiles {
             path,
             recursive,
@@ -230,8 +250,10 @@ fn become_user(spec: &InitSpec) -> io::Result<()> {
 }
 
 /// Runs one execution and reports its end; a hang-up of the connection kills it.
+#[allow(clippy::too_many_arguments)]
 fn exec(
     spec: &InitSpec,
+    filters: &Filters,
     stream: &UnixStream,
     command: &str,
     privileged: bool,
@@ -250,7 +272,7 @@ fn exec(
     let envp = environment_for(spec, privileged, environment, tty);
     // SAFETY: single-threaded process.
     let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
-        ForkResult::Child => exec_init(spec, privileged, tty, &fds, &argv, &envp, stream),
+        ForkResult::Child => exec_init(spec, filters, privileged, tty, &fds, &argv, &envp, stream),
         ForkResult::Parent { child } => child,
     };
     drop(fds);
@@ -343,8 +365,10 @@ fn environment_for(
 
 /// pid 1 of the execution's pid namespace: starts the command, reaps everything, and exits
 /// with the command's status once the command itself has ended.
+#[allow(clippy::too_many_arguments)]
 fn exec_init(
     spec: &InitSpec,
+    filters: &Filters,
     privileged: bool,
     tty: bool,
     fds: &[OwnedFd],
@@ -354,7 +378,7 @@ fn exec_init(
 ) -> ! {
     // SAFETY: single-threaded process.
     let command = match unsafe { fork() } {
-        Ok(ForkResult::Child) => start_command(spec, privileged, tty, fds, argv, envp),
+        Ok(ForkResult::Child) => start_command(spec, filters, privileged, tty, fds, argv, envp),
         Ok(ForkResult::Parent { child }) => child,
         Err(_) => std::process::exit(126),
     };
@@ -380,6 +404,7 @@ fn exec_init(
 
 fn start_command(
     spec: &InitSpec,
+    filters: &Filters,
     privileged: bool,
     tty: bool,
     fds: &[OwnedFd],
@@ -421,11 +446,18 @@ fn start_command(
             libc::signal(sig, libc::SIG_DFL);
         }
     }
-    if !privileged && become_user(spec).is_err() {
-        fail("dropping privileges");
-    }
     if nix::unistd::chdir(WORKSPACE).is_err() {
         let _ = nix::unistd::chdir("/");
+    }
+    // SAFETY: umask(2) cannot fail.
+    unsafe { libc::umask(0o022) };
+    if let Err(e) = confine::confine(filters, privileged, || become_user(spec)) {
+        let msg = format!("trident: cannot confine the command: {e}\n");
+        // SAFETY: writing to the stderr fd we were given, then leaving without destructors.
+        unsafe {
+            libc::write(fds[2].as_raw_fd(), msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
     }
     let _ = nix::unistd::execve(&argv[0], argv, envp);
     fail("exec")

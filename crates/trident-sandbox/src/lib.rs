@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cgroup;
+mod confine;
 mod fdio;
 mod fileops;
 pub mod images;

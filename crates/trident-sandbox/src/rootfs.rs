@@ -136,6 +136,8 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
             none(),
         ),
     )?;
+    limit_sysv_ipc(&root.join("proc"))?;
+    mask_proc(&root.join("proc"))?;
     // The kernel's knobs stay read-only for the runner.
     for knob in ["sys", "sysrq-trigger", "irq", "bus"] {
         let p = root.join("proc").join(knob);
@@ -158,7 +160,85 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
     }
     build_dev(&root.join("dev"))?;
     fix_etc(&root.join("etc"), spec)?;
+    if spec.rootfs == RootfsSource::Host {
+        // The root itself becomes read-only; what stays writable is the writable layer
+        // (the overlays), and these directories.
+        for dir in WRITABLE_DIRS {
+            let path = root.join(dir);
+            ctx(
+                format!("keep /{dir} writable"),
+                mount(Some(&path), &path, none(), MsFlags::MS_BIND, none()),
+            )?;
+        }
+        ctx(
+            "read-only root",
+            mount(
+                none(),
+                &root,
+                none(),
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                none(),
+            ),
+        )?;
+    }
     Ok(root)
+}
+
+/// Directories of a read-only root that programs expect to write.
+const WRITABLE_DIRS: [&str; 5] = ["workspace", "tmp", "var/tmp", "root", "run"];
+
+/// The runner's own IPC namespace gets small System V limits (its memory cgroup pays for
+/// segments anyway; this stops a runner from hoarding ids and pinning memory).
+fn limit_sysv_ipc(proc: &Path) -> io::Result<()> {
+    for (knob, value) in [
+        ("shmmax", "67108864"),
+        ("shmall", "16384"),
+        ("shmmni", "64"),
+        ("msgmni", "64"),
+        ("sem", "250 8000 32 64"),
+    ] {
+        let path = proc.join("sys/kernel").join(knob);
+        fs::write(&path, value)
+            .map_err(|e| io::Error::other(format!("setting {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Files of /proc that tell about the host's kernel or hardware are hidden, as Docker does.
+fn mask_proc(proc: &Path) -> io::Result<()> {
+    for file in [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "latency_stats",
+        "kallsyms",
+        "kmsg",
+    ] {
+        let path = proc.join(file);
+        if path.exists() {
+            ctx(
+                format!("mask /proc/{file}"),
+                mount(Some("/dev/null"), &path, none(), MsFlags::MS_BIND, none()),
+            )?;
+        }
+    }
+    for dir in ["acpi", "scsi", "driver", "fs"] {
+        let path = proc.join(dir);
+        if path.is_dir() {
+            ctx(
+                format!("mask /proc/{dir}"),
+                mount(
+                    Some("tmpfs"),
+                    &path,
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some("size=4096"),
+                ),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn build_dev(dev: &Path) -> io::Result<()> {

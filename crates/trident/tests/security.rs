@@ -1,0 +1,271 @@
+//! The attack battery: each case asserts that the attack fails inside the runner and that
+//! the host, the server and other runners are unaffected.
+
+mod common;
+
+use common::{exec, Execution, Server};
+use serde_json::{json, Value};
+
+async fn privileged(server: &Server, runner: &str, command: &str) -> Execution {
+    let run = server
+        .execute(
+            runner,
+            json!({"command": command, "privilegedExecution": true, "timeLimit": 30}),
+        )
+        .await;
+    run.assert_well_formed();
+    run
+}
+
+async fn unprivileged(server: &Server, runner: &str, command: &str) -> Execution {
+    let run = server
+        .execute(runner, json!({"command": command, "timeLimit": 30}))
+        .await;
+    run.assert_well_formed();
+    run
+}
+
+fn exit_code(run: &Execution) -> i64 {
+    assert_eq!(run.last()["type"], "exit", "{run:?}");
+    run.last()["data"].as_i64().unwrap()
+}
+
+/// Calls a raw syscall from python (the host image has /usr/bin/python3) and prints errno.
+fn syscall(nr: i64, args: &str) -> String {
+    format!(
+        "/usr/bin/python3 -c \"import ctypes,sys; l=ctypes.CDLL(None,use_errno=True); r=l.syscall({nr}{args}); print(r, ctypes.get_errno())\""
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_interfaces_are_out_of_reach() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+    let runner = server.claim(1, 0).await;
+
+    // Mounting, new namespaces, device nodes: refused even to root in the runner.
+    let run = privileged(&server, &runner, "mount -t tmpfs none /mnt").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+    let run = privileged(&server, &runner, "mknod /tmp/disk b 254 0").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+    for command in [
+        "unshare -U true",
+        "unshare -r true",
+        "unshare -m true",
+        "unshare -n true",
+    ] {
+        let run = privileged(&server, &runner, command).await;
+        assert_ne!(exit_code(&run), 0, "{command}: {run:?}");
+        let run = unprivileged(&server, &runner, command).await;
+        assert_ne!(exit_code(&run), 0, "{command}: {run:?}");
+    }
+
+    // Syscalls the filter denies answer EPERM (1) or, for clone3, ENOSYS (38).
+    let cases = [
+        ("keyctl", 250, ", 0, 0, 0, 0, 0", "1"),
+        ("bpf", 321, ", 0, 0, 0", "1"),
+        ("perf_event_open", 298, ", 0, 0, 0, 0, 0", "1"),
+        ("userfaultfd", 323, ", 0", "1"),
+        ("io_uring_setup", 425, ", 8, 0", "1"),
+        ("kexec_load", 246, ", 0, 0, 0, 0", "1"),
+        ("init_module", 175, ", 0, 0, 0", "1"),
+        ("clock_settime", 227, ", 0, 0", "1"),
+        ("open_by_handle_at", 304, ", 0, 0, 0", "1"),
+        ("setns", 308, ", 0, 0", "1"),
+        ("clone3", 435, ", 0, 0", "38"),
+    ];
+    for (name, nr, args, errno) in cases {
+        let run = privileged(&server, &runner, &syscall(nr, args)).await;
+        assert_eq!(
+            run.stdout().trim(),
+            format!("-1 {errno}"),
+            "{name}: {run:?}"
+        );
+    }
+    // clone with a namespace flag is refused; a plain fork still works.
+    let run = privileged(
+        &server,
+        &runner,
+        &syscall(56, ", 0x10000000|17, 0, 0, 0, 0"),
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "-1 1", "clone(CLONE_NEWUSER): {run:?}");
+    assert_eq!(
+        exit_code(&privileged(&server, &runner, "(true) && true").await),
+        0
+    );
+
+    // Capabilities: none for the user, no admin-grade ones for root, no new privileges.
+    let run = unprivileged(
+        &server,
+        &runner,
+        "grep -E \"^(CapEff|CapBnd|NoNewPrivs)\" /proc/self/status",
+    )
+    .await;
+    let status = run.stdout();
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let run = privileged(&server, &runner, "grep ^CapEff /proc/self/status").await;
+    let eff = u64::from_str_radix(run.stdout().trim().rsplit('\t').next().unwrap(), 16).unwrap();
+    for (name, bit) in [
+        ("SYS_ADMIN", 21),
+        ("SYS_PTRACE", 19),
+        ("SYS_MODULE", 16),
+        ("MKNOD", 27),
+        ("DAC_READ_SEARCH", 2),
+        ("NET_ADMIN", 12),
+        ("SYS_RAWIO", 17),
+    ] {
+        assert_eq!(eff & (1 << bit), 0, "root in a runner has CAP_{name}");
+    }
+    assert_ne!(eff & 1, 0, "root keeps CAP_CHOWN");
+
+    // runner-init and its handlers cannot be inspected or ptraced from inside.
+    let run = privileged(&server, &runner, "cat /proc/1/environ").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+    let run = privileged(&server, &runner, "head -c 16 /proc/1/mem").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+
+    // Kernel knobs are read-only, host kernel details masked, /sys absent.
+    let run = privileged(&server, &runner, "echo 1 > /proc/sys/vm/drop_caches").await;
+    assert!(run.stderr().contains("Read-only file system"), "{run:?}");
+    let run = privileged(&server, &runner, "echo c > /proc/sysrq-trigger").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+    let run = privileged(
+        &server,
+        &runner,
+        "for f in /proc/kcore /proc/keys /proc/timer_list /proc/kallsyms; do [ -e $f ] && cat $f | wc -c; done; ls /sys | wc -l",
+    )
+    .await;
+    let sizes: Vec<String> = run.stdout().split_whitespace().map(String::from).collect();
+    assert!(sizes.len() >= 2, "{run:?}");
+    assert!(
+        sizes.iter().all(|s| s == "0"),
+        "host kernel details leak: {run:?}"
+    );
+
+    // A read-only root; writable workspace, tmp and writable layer.
+    let run = privileged(&server, &runner, "touch /newfile").await;
+    assert!(run.stderr().contains("Read-only file system"), "{run:?}");
+    let run = privileged(
+        &server,
+        &runner,
+        "touch /workspace/a /tmp/b /usr/local/c && echo ok",
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "ok", "{run:?}");
+    assert!(
+        !std::path::Path::new("/usr/local/c").exists(),
+        "the host's /usr was written"
+    );
+
+    // Limits cannot be raised from inside.
+    let run = unprivileged(&server, &runner, "ulimit -n 100000").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+    let run = privileged(&server, &runner, "ulimit -Hn 100000").await;
+    assert_ne!(exit_code(&run), 0, "{run:?}");
+
+    // System V shared memory is limited per runner.
+    let run = privileged(
+        &server,
+        &runner,
+        "cat /proc/sys/kernel/shmmni /proc/sys/kernel/shmmax",
+    )
+    .await;
+    assert_eq!(
+        run.stdout().split_whitespace().collect::<Vec<_>>(),
+        ["64", "67108864"]
+    );
+    let run = unprivileged(
+        &server,
+        &runner,
+        &format!(
+            "/usr/bin/python3 -c \"import ctypes; l=ctypes.CDLL(None,use_errno=True); print(l.shmget(0, {}, 0o1600), ctypes.get_errno())\"",
+            1u64 << 30
+        ),
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "-1 22", "a 1 GiB segment: {run:?}");
+
+    // The server and the runner are fine after all of it.
+    let run = server.execute(&runner, exec("echo -n fine")).await;
+    assert_eq!(run.stdout(), "fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_see_neither_the_host_nor_each_other() {
+    let server = Server::start();
+    server.put_environment(2, 2, 256).await;
+    let a = server.claim(2, 0).await;
+    let b = server.claim(2, 0).await;
+
+    // A service on the host's loopback.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let run = privileged(&server, &a, &format!("echo hi > /dev/tcp/127.0.0.1/{port}")).await;
+    assert_ne!(exit_code(&run), 0, "reached the host's loopback: {run:?}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "a runner connected to the host");
+
+    // Only loopback inside, and it works.
+    let run = privileged(
+        &server,
+        &a,
+        "ls /sys/class/net 2>/dev/null; cat /proc/net/dev | tail -n +3 | cut -d: -f1",
+    )
+    .await;
+    assert_eq!(
+        run.stdout().split_whitespace().collect::<Vec<_>>(),
+        ["lo"],
+        "{run:?}"
+    );
+
+    // Runner b listens on its loopback; runner a cannot reach it.
+    let url = server
+        .websocket_url(&b, json!({"command": "exec python3 -m http.server 8000 --bind 127.0.0.1", "timeLimit": 20}))
+        .await;
+    let mut serving = server.connect(&url).await;
+    let run = unprivileged(
+        &server,
+        &a,
+        "sleep 1; echo > /dev/tcp/127.0.0.1/8000 && echo reached",
+    )
+    .await;
+    assert!(!run.stdout().contains("reached"), "{run:?}");
+    drop(serving.close(None).await);
+
+    // Processes: the host's and the other runner's are invisible, signals cannot reach them.
+    let host_pid = std::process::id();
+    let run = privileged(
+        &server,
+        &a,
+        &format!("kill -0 {host_pid} && echo visible; ls /proc | grep -c ^[0-9]"),
+    )
+    .await;
+    assert!(!run.stdout().contains("visible"), "{run:?}");
+    let visible: u32 = run.stdout().lines().last().unwrap().trim().parse().unwrap();
+    assert!(visible < 10, "a runner sees {visible} processes");
+    let run = privileged(&server, &b, "cat /etc/hostname; id -un").await;
+    assert_eq!(run.stdout(), "runner\r\nroot\r\n");
+
+    // Host secrets stay hidden even from root in a runner.
+    let run = privileged(
+        &server,
+        &a,
+        "cat /etc/shadow; ls /etc/ssh 2>/dev/null | grep -c ssh_host_ || true",
+    )
+    .await;
+    assert!(run.stdout().starts_with("root:*:"), "{run:?}");
+    assert!(!run.stdout().contains("$"), "a password hash: {run:?}");
+    for path in ["/root/.cargo", "/work", "/home"] {
+        let run = privileged(&server, &a, &format!("ls -A {path} 2>/dev/null | wc -l")).await;
+        assert_eq!(run.stdout().trim(), "0", "{path} is visible: {run:?}");
+    }
+    let _: Value = server
+        .get("/statistics/execution-environments")
+        .await
+        .json()
+        .await
+        .unwrap();
+}
