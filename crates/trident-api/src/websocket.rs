@@ -101,7 +101,17 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
             message = execution.messages.recv() => {
                 let Some(message) = message else { break };
                 let terminal = message.is_terminal();
-                if sink.send(Message::Text(frame(&message).into())).await.is_err() {
+                // A client that stops reading stalls the process (backpressure), but not
+                // forever: past the timeout it counts as gone and the execution is killed.
+                let sent = tokio::time::timeout(
+                    SEND_TIMEOUT,
+                    sink.send(Message::Text(frame(&message).into())),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    if sent.is_err() {
+                        tracing::info!(runner = %runner_id, "client stopped reading: execution cancelled");
+                    }
                     break;
                 }
                 if terminal {
@@ -117,6 +127,9 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
     }
     reader.abort();
 }
+
+/// How long one message may wait for a client that does not read.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn close() -> Message {
     Message::Close(Some(CloseFrame {
