@@ -1,7 +1,7 @@
 //! The server side of the native sandbox: starts runner-inits, talks to them over their
 //! control sockets, and tears runners down through their cgroups.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -23,7 +23,7 @@ use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
 use crate::images::Images;
 use crate::protocol::{recv_frame, send_frame, Request, Response, MAX_FRAME};
-use crate::spec::InitSpec;
+use crate::spec::{InitSpec, IDS_PER_RUNNER};
 
 #[derive(Debug, Clone)]
 pub struct NativeConfig {
@@ -41,6 +41,9 @@ pub struct NativeConfig {
     pub user_gid: u32,
     /// How long a new runner may take to become ready.
     pub start_timeout: Duration,
+    /// Host id of root in the first runner; runner n gets the 65536 ids from
+    /// `first_runner_id + n * 65536` for its user namespace.
+    pub first_runner_id: u32,
 }
 
 impl NativeConfig {
@@ -54,6 +57,7 @@ impl NativeConfig {
             user_uid: 1000,
             user_gid: 1000,
             start_timeout: Duration::from_secs(30),
+            first_runner_id: 1_000_000_000,
         }
     }
 }
@@ -84,6 +88,8 @@ pub struct NativeBackend {
     /// server started just before it crashed) and the janitor removes it.
     known: Arc<Mutex<HashSet<String>>>,
     janitor_started: AtomicBool,
+    /// Id ranges (user namespaces) in use, by slot number.
+    id_slots: Arc<Mutex<BTreeSet<u32>>>,
 }
 
 /// How often leftovers nobody knows of are looked for.
@@ -104,6 +110,7 @@ impl NativeBackend {
             config,
             known: Arc::default(),
             janitor_started: AtomicBool::new(false),
+            id_slots: Arc::default(),
         })
     }
 
@@ -115,7 +122,21 @@ impl NativeBackend {
         &self.cgroup_parent
     }
 
-    fn init_spec(&self, spec: &RunnerSpec) -> Result<InitSpec, String> {
+    fn max_slots(&self) -> u32 {
+        (u32::MAX - self.config.first_runner_id) / IDS_PER_RUNNER - 1
+    }
+
+    /// Takes the lowest free id range.
+    fn take_slot(&self) -> Result<u32, String> {
+        let mut slots = self.id_slots.lock().unwrap();
+        let slot = (0..self.max_slots())
+            .find(|s| !slots.contains(s))
+            .ok_or("no free user id range for another runner")?;
+        slots.insert(slot);
+        Ok(slot)
+    }
+
+    fn init_spec(&self, spec: &RunnerSpec, slot: u32) -> Result<InitSpec, String> {
         let env = &spec.environment;
         let rootfs = self.config.images.resolve(&env.image)?;
         let memory_bytes = u64::from(env.memory_limit) * 1024 * 1024;
@@ -134,20 +155,22 @@ impl NativeBackend {
             hostname: "runner".into(),
             user_uid: self.config.user_uid,
             user_gid: self.config.user_gid,
+            uid_base: self.config.first_runner_id + slot * IDS_PER_RUNNER,
         })
     }
 
-    async fn start(&self, spec: InitSpec) -> BackendResult<NativeSandbox> {
+    async fn start(&self, spec: InitSpec, slot: u32) -> BackendResult<NativeSandbox> {
         // Known before anything exists on disk, so that the janitor never races a creation.
         self.known.lock().unwrap().insert(spec.runner_id.clone());
-        let result = self.start_known(spec.clone()).await;
+        let result = self.start_known(spec.clone(), slot).await;
         if result.is_err() {
             self.known.lock().unwrap().remove(&spec.runner_id);
+            self.id_slots.lock().unwrap().remove(&slot);
         }
         result
     }
 
-    async fn start_known(&self, spec: InitSpec) -> BackendResult<NativeSandbox> {
+    async fn start_known(&self, spec: InitSpec, slot: u32) -> BackendResult<NativeSandbox> {
         let dir = spec.dir.clone();
         std::fs::create_dir_all(&dir).map_err(failed)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
@@ -193,6 +216,7 @@ impl NativeBackend {
             child: Mutex::new(Some(child)),
             destroyed: AtomicBool::new(false),
             known: self.known.clone(),
+            id_slot: Some((slot, self.id_slots.clone())),
         };
         let wait_ready = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
@@ -246,11 +270,32 @@ impl Backend for NativeBackend {
     }
 
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
-        let init = self.init_spec(&spec).map_err(BackendError::Invalid)?;
-        Ok(Box::new(self.start(init).await?))
+        let slot = self.take_slot().map_err(BackendError::Failed)?;
+        let init = match self.init_spec(&spec, slot) {
+            Ok(init) => init,
+            Err(e) => {
+                self.id_slots.lock().unwrap().remove(&slot);
+                return Err(BackendError::Invalid(e));
+            }
+        };
+        // On failure the sandbox was destroyed, which freed the slot.
+        Ok(Box::new(self.start(init, slot).await?))
     }
 
     async fn adopt(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
+        // The runner's id range is in its spec; it stays taken while the runner lives.
+        let dir = self.runners_dir.join(&spec.runner_id);
+        let init: Option<InitSpec> = std::fs::read(dir.join("spec.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let slot = init.and_then(|init| {
+            let offset = init.uid_base.checked_sub(self.config.first_runner_id)?;
+            Some(offset / IDS_PER_RUNNER)
+        });
+        let id_slot = slot.map(|slot| {
+            self.id_slots.lock().unwrap().insert(slot);
+            (slot, self.id_slots.clone())
+        });
         let sandbox = NativeSandbox {
             id: spec.runner_id.clone(),
             cgroups: self.cgroups.clone(),
@@ -261,6 +306,7 @@ impl Backend for NativeBackend {
             child: Mutex::new(None),
             destroyed: AtomicBool::new(false),
             known: self.known.clone(),
+            id_slot,
         };
         // A live runner-init answers on its socket with its own id; a dead one's socket
         // refuses the connection (pids may be reused, sockets are not).
@@ -358,6 +404,8 @@ impl Debris {
 
 pub struct NativeSandbox {
     id: String,
+    /// The id range of its user namespace, freed when it is destroyed.
+    id_slot: Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>,
     known: Arc<Mutex<HashSet<String>>>,
     cgroups: Cgroups,
     cgroup: String,
@@ -539,6 +587,9 @@ impl Sandbox for NativeSandbox {
         })
         .await;
         self.known.lock().unwrap().remove(&self.id);
+        if let Some((slot, slots)) = &self.id_slot {
+            slots.lock().unwrap().remove(slot);
+        }
     }
 }
 

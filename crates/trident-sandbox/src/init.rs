@@ -32,7 +32,7 @@ use crate::confine::{self, Filters};
 use crate::fileops::{self, FileOpError};
 use crate::protocol::{recv_frame, send_frame, Request, Response};
 use crate::rootfs;
-use crate::spec::{InitSpec, USER_NAME, WORKSPACE};
+use crate::spec::{InitSpec, IDS_PER_RUNNER, USER_NAME, WORKSPACE};
 
 /// The fd on which the server waits for "ok" (or an error text) from P1.
 const READY_FD: RawFd = 3;
@@ -51,11 +51,36 @@ pub fn main(dir: &Path) -> ! {
     if let Err(e) = enter_cgroup_and_namespaces(&spec) {
         fail(&mut ready, &e.to_string());
     }
+    // P1 asks P0 (still root on the host) to write its user namespace's id maps. P0 shares
+    // P1's mount namespace, so by then its /proc is the runner's: it keeps the host's open.
+    let host_proc = match File::open("/proc") {
+        Ok(proc) => proc,
+        Err(e) => fail(&mut ready, &format!("opening /proc: {e}")),
+    };
+    let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .and_then(|a| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|b| (a, b)));
+    let ((ask_r, ask_w), (done_r, done_w)) = match pipes {
+        Ok(pipes) => pipes,
+        Err(e) => fail(&mut ready, &format!("pipe: {e}")),
+    };
     // SAFETY: single-threaded process; the child only runs this module's code.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => runner_init(&spec, ready),
+        Ok(ForkResult::Child) => {
+            drop((ask_r, done_w, host_proc));
+            runner_init(
+                &spec,
+                ready,
+                IdMapChannel {
+                    ask: ask_w,
+                    done: done_r,
+                },
+            )
+        }
         Ok(ForkResult::Parent { child }) => {
             drop(ready);
+            drop((ask_w, done_r));
+            map_ids_when_asked(&spec, &host_proc, child, ask_r, done_w);
+            drop(host_proc);
             loop {
                 match waitpid(child, None) {
                     Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
@@ -67,6 +92,43 @@ pub fn main(dir: &Path) -> ! {
         }
         Err(e) => fail(&mut ready, &format!("fork: {e}")),
     }
+}
+
+/// P1's side of the id map hand-shake.
+struct IdMapChannel {
+    ask: OwnedFd,
+    done: OwnedFd,
+}
+
+/// P0: waits for P1 to enter its user namespace, then writes the namespace's id maps (only
+/// a process with privileges in the parent namespace may map a range of ids).
+fn map_ids_when_asked(spec: &InitSpec, host_proc: &File, child: Pid, ask: OwnedFd, done: OwnedFd) {
+    let mut byte = [0u8; 1];
+    if File::from(ask).read(&mut byte).unwrap_or(0) == 0 {
+        return; // P1 failed before; it reports that itself
+    }
+    let map = format!("0 {} {}\n", spec.uid_base, IDS_PER_RUNNER);
+    let write_map = |file: &str| -> io::Result<()> {
+        let fd = nix::fcntl::openat(
+            Some(host_proc.as_raw_fd()),
+            format!("{}/{file}", child.as_raw()).as_str(),
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(io::Error::other)?;
+        // SAFETY: a fresh fd from openat that we own.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(map.as_bytes())
+    };
+    let result = write_map("uid_map").and_then(|()| write_map("gid_map"));
+    let answer: &[u8] = match &result {
+        Ok(()) => b"k",
+        Err(e) => {
+            eprintln!("runner-init: writing id maps: {e}");
+            b"!"
+        }
+    };
+    let _ = File::from(done).write_all(answer);
 }
 
 fn fail(ready: &mut File, message: &str) -> ! {
@@ -95,8 +157,8 @@ fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
 }
 
 /// P1: pid 1 of the runner.
-fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
-    let listener = match build_runner(spec) {
+fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
+    let listener = match build_runner(spec, id_maps) {
         Ok(listener) => listener,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
@@ -148,7 +210,7 @@ fn runner_init(spec: &InitSpec, mut ready: File) -> ! {
     }
 }
 
-fn build_runner(spec: &InitSpec) -> io::Result<UnixListener> {
+fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListener> {
     mount(
         None::<&str>,
         "/",
@@ -165,14 +227,38 @@ fn build_runner(spec: &InitSpec) -> io::Result<UnixListener> {
     rootfs::pivot(&root)?;
     nix::unistd::sethostname(&spec.hostname).map_err(io::Error::other)?;
     rootfs::loopback_up()?;
-    // Nothing in the runner may ptrace or read the memory of runner-init and its handlers,
-    // which keep every capability (an execution's own processes stay debuggable).
+    enter_user_namespace(id_maps)?;
+    // Nothing in the runner may ptrace or read the memory of runner-init and its handlers
+    // (an execution's own processes stay debuggable).
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     Ok(listener)
+}
+
+/// Becomes root of a fresh user namespace whose ids map to an unprivileged host range.
+/// Everything was mounted before, by real root: the mounts, and the namespaces made so far,
+/// stay owned by the host's user namespace, so nothing in the runner can ever change them,
+/// and files the runner creates belong to host ids of its own range.
+fn enter_user_namespace(id_maps: IdMapChannel) -> io::Result<()> {
+    unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| io::Error::other(format!("unshare(user): {e}")))?;
+    File::from(id_maps.ask).write_all(b"?")?;
+    let mut answer = [0u8; 1];
+    let n = File::from(id_maps.done).read(&mut answer)?;
+    if n != 1 || answer[0] != b'k' {
+        return Err(io::Error::other(
+            "the user namespace's id maps could not be written",
+        ));
+    }
+    let root = Gid::from_raw(0);
+    nix::unistd::setresgid(root, root, root).map_err(io::Error::other)?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(io::Error::other)?;
+    nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
+    Ok(())
 }
 
 fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result<()> {

@@ -125,6 +125,10 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
     ] {
         mkdir_mode(&root.join(dir), mode)?;
     }
+    // Root in the runner will be host id `uid_base`: give it its home and /run.
+    for dir in ["root", "run"] {
+        std::os::unix::fs::chown(root.join(dir), Some(spec.uid_base), Some(spec.uid_base))?;
+    }
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     ctx(
         "proc",
@@ -187,7 +191,8 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
 /// Directories of a read-only root that programs expect to write.
 const WRITABLE_DIRS: [&str; 5] = ["workspace", "tmp", "var/tmp", "root", "run"];
 
-/// The runner's own IPC namespace gets small System V limits (its memory cgroup pays for
+/// Per-namespace kernel settings, written while /proc/sys is still writable. The runner's
+/// own IPC namespace gets small System V limits (its memory cgroup pays for
 /// segments anyway; this stops a runner from hoarding ids and pinning memory).
 fn limit_sysv_ipc(proc: &Path) -> io::Result<()> {
     for (knob, value) in [
@@ -201,6 +206,9 @@ fn limit_sysv_ipc(proc: &Path) -> io::Result<()> {
         fs::write(&path, value)
             .map_err(|e| io::Error::other(format!("setting {}: {e}", path.display())))?;
     }
+    // Root in the runner has no say over the network namespace (its owner is the host's
+    // user namespace): let anyone bind low ports there.
+    fs::write(proc.join("sys/net/ipv4/ip_unprivileged_port_start"), "0")?;
     Ok(())
 }
 
@@ -324,7 +332,13 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
     }
     let user_line = format!("{USER_NAME}:x:{uid}:{gid}:trident user:{WORKSPACE}:{shell}");
     passwd.push(&user_line);
-    replace_file(etc, "passwd", &(passwd.join("\n") + "\n"), 0o644)?;
+    replace_file(
+        etc,
+        "passwd",
+        &(passwd.join("\n") + "\n"),
+        0o644,
+        spec.uid_base,
+    )?;
 
     let group = fs::read_to_string(etc.join("group")).unwrap_or_default();
     let mut group: Vec<&str> = group.lines().filter(|l| keep(l, gid)).collect();
@@ -333,13 +347,20 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
     }
     let group_line = format!("{USER_NAME}:x:{gid}:");
     group.push(&group_line);
-    replace_file(etc, "group", &(group.join("\n") + "\n"), 0o644)?;
+    replace_file(
+        etc,
+        "group",
+        &(group.join("\n") + "\n"),
+        0o644,
+        spec.uid_base,
+    )?;
 
     replace_file(
         etc,
         "shadow",
         &format!("root:*:1::::::\n{USER_NAME}:*:1::::::\n"),
         0o640,
+        spec.uid_base,
     )?;
     for secret in ["gshadow", "shadow-", "gshadow-", "passwd-", "group-"] {
         let _ = fs::remove_file(etc.join(secret));
@@ -351,7 +372,13 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
             }
         }
     }
-    replace_file(etc, "hostname", &format!("{}\n", spec.hostname), 0o644)?;
+    replace_file(
+        etc,
+        "hostname",
+        &format!("{}\n", spec.hostname),
+        0o644,
+        spec.uid_base,
+    )?;
     replace_file(
         etc,
         "hosts",
@@ -360,16 +387,19 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
             spec.hostname
         ),
         0o644,
+        spec.uid_base,
     )?;
     Ok(())
 }
 
-/// Writes a fresh file, replacing a symlink rather than following it.
-fn replace_file(dir: &Path, name: &str, content: &str, mode: u32) -> io::Result<()> {
+/// Writes a fresh file owned by the runner's root, replacing a symlink rather than
+/// following it.
+fn replace_file(dir: &Path, name: &str, content: &str, mode: u32, owner: u32) -> io::Result<()> {
     let path = dir.join(name);
     let _ = fs::remove_file(&path);
     fs::write(&path, content)?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+    std::os::unix::fs::chown(&path, Some(owner), Some(owner))
 }
 
 /// Makes `root` the root of the mount namespace and drops every host mount from view.

@@ -31,7 +31,13 @@ pub struct InitSpec {
     pub hostname: String,
     pub user_uid: u32,
     pub user_gid: u32,
+    /// The runner's user namespace maps its ids 0..65536 to host ids uid_base.. (the same
+    /// for groups): root in the runner is this unprivileged id on the host.
+    pub uid_base: u32,
 }
+
+/// Ids per runner in its user namespace.
+pub const IDS_PER_RUNNER: u32 = 65536;
 
 impl InitSpec {
     pub fn socket_path(&self) -> PathBuf {

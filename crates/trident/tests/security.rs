@@ -151,13 +151,34 @@ async fn kernel_interfaces_are_out_of_reach() {
     let run = privileged(
         &server,
         &runner,
-        "touch /workspace/a /tmp/b /usr/local/c && echo ok",
+        "touch /workspace/a /tmp/b /root/c && echo ok",
     )
     .await;
     assert_eq!(run.stdout().trim(), "ok", "{run:?}");
+    // The system directories belong to host ids outside the runner's range: even root in
+    // the runner cannot change them (and the host's are never touched).
+    let run = privileged(&server, &runner, "touch /usr/local/c").await;
+    assert!(run.stderr().contains("Permission denied"), "{run:?}");
+    assert!(!std::path::Path::new("/usr/local/c").exists());
+
+    // Root in the runner is an unprivileged id on the host, in a range of its own.
+    let run = privileged(
+        &server,
+        &runner,
+        "cat /proc/self/uid_map /proc/self/gid_map",
+    )
+    .await;
+    let maps: Vec<u64> = run
+        .stdout()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(maps.len(), 6, "{run:?}");
+    assert_eq!((maps[0], maps[2]), (0, 65536), "{run:?}");
     assert!(
-        !std::path::Path::new("/usr/local/c").exists(),
-        "the host's /usr was written"
+        maps[1] >= 100_000,
+        "root in the runner is host id {}",
+        maps[1]
     );
 
     // Limits cannot be raised from inside.
@@ -248,6 +269,59 @@ async fn runners_see_neither_the_host_nor_each_other() {
     assert!(visible < 10, "a runner sees {visible} processes");
     let run = privileged(&server, &b, "cat /etc/hostname; id -un").await;
     assert_eq!(run.stdout(), "runner\r\nroot\r\n");
+
+    // Each runner has an id range of its own on the host.
+    let map_a = privileged(&server, &a, "cat /proc/self/uid_map")
+        .await
+        .stdout();
+    let map_b = privileged(&server, &b, "cat /proc/self/uid_map")
+        .await
+        .stdout();
+    assert_ne!(map_a, map_b);
+    // The host sees a runner's processes under that range, never as root.
+    let host_id: u32 = map_a.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let url = server
+        .websocket_url(
+            &a,
+            json!({"command": "echo up; exec sleep 31.5", "timeLimit": 20}),
+        )
+        .await;
+    let mut sleeping = server.connect(&url).await;
+    loop {
+        use futures_util::StreamExt;
+        let message = sleeping.next().await.unwrap().unwrap();
+        if message.to_text().unwrap_or_default().contains("up") {
+            break;
+        }
+    }
+    // (Polled: a process in the middle of execve shows an empty command line for a moment.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let uids = loop {
+        let uids: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains("sleep\u{0}31.5"))
+                    .unwrap_or(false)
+            })
+            .filter_map(|e| {
+                let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+                line.split_whitespace().nth(1)?.parse().ok()
+            })
+            .collect();
+        if !uids.is_empty() || std::time::Instant::now() > deadline {
+            break uids;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        uids,
+        vec![host_id + 1000],
+        "the runner's `user` on the host"
+    );
+    drop(sleeping);
 
     // Host secrets stay hidden even from root in a runner.
     let run = privileged(
