@@ -151,7 +151,10 @@ impl NativeBackend {
             memory_bytes,
             cpu_cores,
             pids: self.config.pids_limit,
-            writable_bytes: memory_bytes.max(16 * 1024 * 1024),
+            // Files live in memory charged to the runner: a full disk must still leave room
+            // for processes (to remove the files, for one), so files get half the limit
+            // and /dev/shm a quarter.
+            writable_bytes: (memory_bytes / 2).max(8 * 1024 * 1024),
             hostname: "runner".into(),
             user_uid: self.config.user_uid,
             user_gid: self.config.user_gid,

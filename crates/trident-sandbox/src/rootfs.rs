@@ -162,7 +162,7 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
             )?;
         }
     }
-    build_dev(&root.join("dev"))?;
+    build_dev(&root.join("dev"), spec.writable_bytes / 2)?;
     fix_etc(&root.join("etc"), spec)?;
     if spec.rootfs == RootfsSource::Host {
         // The root itself becomes read-only; what stays writable is the writable layer
@@ -249,7 +249,7 @@ fn mask_proc(proc: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn build_dev(dev: &Path) -> io::Result<()> {
+fn build_dev(dev: &Path, shm_bytes: u64) -> io::Result<()> {
     ctx(
         "tmpfs /dev",
         mount(
@@ -291,7 +291,7 @@ fn build_dev(dev: &Path) -> io::Result<()> {
             &shm,
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777,size=67108864"),
+            Some(format!("mode=1777,size={shm_bytes}").as_str()),
         ),
     )?;
     for (link, target) in [

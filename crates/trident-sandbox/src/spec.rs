@@ -25,8 +25,8 @@ pub struct InitSpec {
     pub memory_bytes: u64,
     pub cpu_cores: Option<f64>,
     pub pids: u64,
-    /// Size of the tmpfs holding the writable layer, /workspace and /tmp. Its pages are
-    /// charged to the runner's memory cgroup as well.
+    /// Size of the tmpfs holding the writable layer, /workspace and /tmp (/dev/shm gets half
+    /// of it). Their pages are charged to the runner's memory cgroup as well.
     pub writable_bytes: u64,
     pub hostname: String,
     pub user_uid: u32,

@@ -343,3 +343,141 @@ async fn runners_see_neither_the_host_nor_each_other() {
         .await
         .unwrap();
 }
+
+/// Host processes whose command line contains `marker` (arguments separated by NUL).
+fn host_processes(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+async fn assert_healthy(server: &Server, runner: &str) {
+    assert_eq!(server.get("/health").await.status(), 204);
+    let run = server.execute(runner, exec("echo -n alive")).await;
+    assert_eq!(run.stdout(), "alive", "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_floods_and_escapes_are_contained() {
+    let server = Server::start();
+    server.put_environment(3, 1, 128).await;
+    let runner = server.claim(3, 0).await;
+
+    // Fork bomb: the pids limit holds it, the time limit ends it, the runner survives.
+    let run = server
+        .execute(&runner, json!({"command": ":(){ :|:& };:", "timeLimit": 3}))
+        .await;
+    run.assert_well_formed();
+    assert_healthy(&server, &runner).await;
+
+    // Memory bomb: the cgroup kills it and it is reported as the reference does.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "/usr/bin/python3 -c \"a=[]\nwhile True: a.append(bytearray(1<<20))\"", "timeLimit": 30}),
+        )
+        .await;
+    run.assert_well_formed();
+    let last = run.last().clone();
+    assert!(
+        last == json!({"type": "error", "data": "the allocation was OOM Killed"})
+            || last == json!({"type": "exit", "data": 137}),
+        "{run:?}"
+    );
+    assert_healthy(&server, &runner).await;
+
+    // Disk fill of /workspace and /tmp: the runner's tmpfs and memory limit stop it, the
+    // host's disk is never written; removing the file makes room again.
+    for dir in ["/workspace", "/tmp"] {
+        let run = server
+            .execute(
+                &runner,
+                json!({"command": format!("head -c 2000000000 /dev/zero > {dir}/fill; echo status $?"), "timeLimit": 30}),
+            )
+            .await;
+        run.assert_well_formed();
+        assert!(!run.stdout().contains("status 0"), "{dir}: {run:?}");
+        let run = server
+            .execute(
+                &runner,
+                exec(&format!("rm -f {dir}/fill && echo -n removed")),
+            )
+            .await;
+        assert_eq!(run.stdout(), "removed", "{run:?}");
+    }
+    assert_healthy(&server, &runner).await;
+
+    // Escaping the time limit: daemons, double forks and nohup die with the execution.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "setsid sleep 1001 & (sleep 1002 &) ; nohup sleep 1003 >/dev/null 2>&1 & disown; sleep 1004", "timeLimit": 2}),
+        )
+        .await;
+    assert_eq!(run.last(), &json!({"type": "timeout"}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while [
+        "sleep\u{0}1001",
+        "sleep\u{0}1002",
+        "sleep\u{0}1003",
+        "sleep\u{0}1004",
+    ]
+    .iter()
+    .any(|m| host_processes(m) > 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a process outlived its time limit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Limits cannot be changed from inside: no cgroup files to write.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "ls /sys/fs/cgroup 2>&1; echo 9999999999 > /sys/fs/cgroup/memory/memory.limit_in_bytes", "privilegedExecution": true}),
+        )
+        .await;
+    assert_ne!(run.last(), &json!({"type": "exit", "data": 0}), "{run:?}");
+
+    // Gigabytes of output: the server's memory stays flat (backpressure), the time limit
+    // ends the flood, and the client got a well-formed stream.
+    let rss_before = server.rss_kib();
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "head -c 3000000000 /dev/zero | tr \"\\0\" x", "timeLimit": 3}),
+        )
+        .await;
+    run.assert_well_formed();
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 100 * 1024,
+        "server memory grew from {rss_before} to {rss_after} KiB"
+    );
+
+    // A client that never reads: the execution is still ended by its time limit and the
+    // server keeps answering everyone else.
+    let url = server
+        .websocket_url(&runner, json!({"command": "yes flood", "timeLimit": 2}))
+        .await;
+    let stalled = server.connect(&url).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while host_processes("yes\u{0}flood") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the time limit did not hold"
+        );
+        assert_eq!(server.get("/health").await.status(), 204);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(stalled);
+    assert_healthy(&server, &runner).await;
+}
