@@ -17,11 +17,12 @@ use trident_core::backend::{
     Backend, BackendError, BackendExecution, BackendResult, ExecSpec, ExitOutcome, FileDownload,
     RunnerSpec, Sandbox,
 };
-use trident_core::model::{ExecutionEnvironment, FileCopy, FileHeader};
+use trident_core::model::{ExecutionEnvironment, FileCopy, FileHeader, MappedPort};
 
 use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
 use crate::images::Images;
+use crate::network::{self, NetworkConfig, RunnerNetwork};
 use crate::protocol::{recv_frame, send_frame, Request, Response, MAX_FRAME};
 use crate::spec::{InitSpec, IDS_PER_RUNNER};
 
@@ -44,6 +45,9 @@ pub struct NativeConfig {
     /// Host id of root in the first runner; runner n gets the 65536 ids from
     /// `first_runner_id + n * 65536` for its user namespace.
     pub first_runner_id: u32,
+    /// How runners of environments with network access reach the outside (None: such
+    /// environments are refused).
+    pub network: Option<NetworkConfig>,
 }
 
 impl NativeConfig {
@@ -58,6 +62,7 @@ impl NativeConfig {
             user_gid: 1000,
             start_timeout: Duration::from_secs(30),
             first_runner_id: 1_000_000_000,
+            network: None,
         }
     }
 }
@@ -88,8 +93,13 @@ pub struct NativeBackend {
     /// server started just before it crashed) and the janitor removes it.
     known: Arc<Mutex<HashSet<String>>>,
     janitor_started: AtomicBool,
-    /// Id ranges (user namespaces) in use, by slot number.
+    /// Id ranges (user namespaces) in use, by slot number; a slot also numbers the
+    /// runner's network address.
     id_slots: Arc<Mutex<BTreeSet<u32>>>,
+    /// Host ports handed out for exposed ports.
+    host_ports: Arc<Mutex<BTreeSet<u16>>>,
+    /// The host is prepared for networking (bridge, firewall) on first use.
+    network_ready: tokio::sync::OnceCell<()>,
 }
 
 /// How often leftovers nobody knows of are looked for.
@@ -111,11 +121,29 @@ impl NativeBackend {
             known: Arc::default(),
             janitor_started: AtomicBool::new(false),
             id_slots: Arc::default(),
+            host_ports: Arc::default(),
+            network_ready: tokio::sync::OnceCell::new(),
         })
     }
 
     pub fn cgroup_version(&self) -> crate::cgroup::CgroupVersion {
         self.cgroups.version()
+    }
+
+    fn advertise(&self) -> String {
+        self.config
+            .network
+            .as_ref()
+            .map(|n| n.advertise.clone())
+            .unwrap_or_default()
+    }
+
+    /// Gives back what this instance set up on the host for networking, once no runner
+    /// needs it (after all runners were destroyed).
+    pub fn teardown(&self) {
+        if let Some(config) = &self.config.network {
+            network::teardown_host(config);
+        }
     }
 
     pub fn cgroup_parent(&self) -> &str {
@@ -134,6 +162,58 @@ impl NativeBackend {
             .ok_or("no free user id range for another runner")?;
         slots.insert(slot);
         Ok(slot)
+    }
+
+    /// The network of a new runner: its address (from its slot) and free host ports for
+    /// its exposed ports.
+    fn runner_network(
+        &self,
+        spec: &RunnerSpec,
+        slot: u32,
+    ) -> Result<Option<RunnerNetwork>, String> {
+        let env = &spec.environment;
+        if !env.network_access {
+            return Ok(None);
+        }
+        let config = self
+            .config
+            .network
+            .as_ref()
+            .ok_or("network access is not configured on this server")?;
+        let address = config.address(slot).ok_or("no network address left")?;
+        let mut taken = self.host_ports.lock().unwrap();
+        let mut ports = Vec::new();
+        let mut candidates = config.ports.0..=config.ports.1;
+        for &inside in &env.exposed_ports {
+            let host = candidates
+                .by_ref()
+                .find(|p| !taken.contains(p) && network::host_port_free(*p))
+                .ok_or("no free host port for an exposed port")?;
+            ports.push((inside, host));
+        }
+        taken.extend(ports.iter().map(|(_, host)| *host));
+        let host_if = format!(
+            "{}{}",
+            network::IF_PREFIX,
+            &spec.runner_id.replace('-', "")[..12]
+        );
+        Ok(Some(RunnerNetwork {
+            bridge: config.bridge.clone(),
+            host_if,
+            address,
+            gateway: config.gateway(),
+            dns: config.dns.clone(),
+            ports,
+        }))
+    }
+
+    fn release_network(&self, network: &Option<RunnerNetwork>) {
+        if let Some(network) = network {
+            let mut taken = self.host_ports.lock().unwrap();
+            for (_, host) in &network.ports {
+                taken.remove(host);
+            }
+        }
     }
 
     fn init_spec(&self, spec: &RunnerSpec, slot: u32) -> Result<InitSpec, String> {
@@ -159,6 +239,7 @@ impl NativeBackend {
             user_uid: self.config.user_uid,
             user_gid: self.config.user_gid,
             uid_base: self.config.first_runner_id + slot * IDS_PER_RUNNER,
+            network: self.runner_network(spec, slot)?,
         })
     }
 
@@ -169,6 +250,7 @@ impl NativeBackend {
         if result.is_err() {
             self.known.lock().unwrap().remove(&spec.runner_id);
             self.id_slots.lock().unwrap().remove(&slot);
+            self.release_network(&spec.network);
         }
         result
     }
@@ -220,6 +302,8 @@ impl NativeBackend {
             destroyed: AtomicBool::new(false),
             known: self.known.clone(),
             id_slot: Some((slot, self.id_slots.clone())),
+            network: spec.network.clone().map(|n| (n, self.host_ports.clone())),
+            advertise: self.advertise(),
         };
         let wait_ready = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
@@ -252,7 +336,7 @@ fn failed(e: impl std::fmt::Display) -> BackendError {
 }
 
 /// A random id kept in the data dir, naming this installation's cgroups.
-fn instance_id(data_dir: &Path) -> std::io::Result<String> {
+pub fn instance_id(data_dir: &Path) -> std::io::Result<String> {
     let path = data_dir.join("instance-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
@@ -269,6 +353,12 @@ fn instance_id(data_dir: &Path) -> std::io::Result<String> {
 #[async_trait]
 impl Backend for NativeBackend {
     fn validate(&self, environment: &ExecutionEnvironment) -> Result<(), String> {
+        if environment.network_access && self.config.network.is_none() {
+            return Err(
+                "network access is not configured on this server (see `network:` in the config)"
+                    .into(),
+            );
+        }
         self.config.images.resolve(&environment.image).map(|_| ())
     }
 
@@ -281,8 +371,41 @@ impl Backend for NativeBackend {
                 return Err(BackendError::Invalid(e));
             }
         };
-        // On failure the sandbox was destroyed, which freed the slot.
-        Ok(Box::new(self.start(init, slot).await?))
+        if let Some(config) = &self.config.network {
+            if init.network.is_some() {
+                let prepared = self
+                    .network_ready
+                    .get_or_try_init(|| async {
+                        let config = config.clone();
+                        tokio::task::spawn_blocking(move || network::setup_host(&config))
+                            .await
+                            .map_err(failed)?
+                            .map_err(failed)
+                    })
+                    .await;
+                if let Err(e) = prepared {
+                    self.release_network(&init.network);
+                    self.id_slots.lock().unwrap().remove(&slot);
+                    return Err(e);
+                }
+            }
+        }
+        // On failure the sandbox was destroyed, which freed the slot and the ports.
+        let network = init.network.clone();
+        let sandbox = self.start(init, slot).await?;
+        if let Some(network) = &network {
+            let published = {
+                let network = network.clone();
+                tokio::task::spawn_blocking(move || network::map_ports(&network)).await
+            };
+            if !matches!(published, Ok(Ok(()))) {
+                sandbox.destroy().await;
+                return Err(BackendError::Failed(format!(
+                    "publishing exposed ports: {published:?}"
+                )));
+            }
+        }
+        Ok(Box::new(sandbox))
     }
 
     async fn adopt(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
@@ -291,6 +414,11 @@ impl Backend for NativeBackend {
         let init: Option<InitSpec> = std::fs::read(dir.join("spec.json"))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let network = init.as_ref().and_then(|init| init.network.clone());
+        if let Some(network) = &network {
+            let mut taken = self.host_ports.lock().unwrap();
+            taken.extend(network.ports.iter().map(|(_, host)| *host));
+        }
         let slot = init.and_then(|init| {
             let offset = init.uid_base.checked_sub(self.config.first_runner_id)?;
             Some(offset / IDS_PER_RUNNER)
@@ -310,6 +438,8 @@ impl Backend for NativeBackend {
             destroyed: AtomicBool::new(false),
             known: self.known.clone(),
             id_slot,
+            network: network.map(|n| (n, self.host_ports.clone())),
+            advertise: self.advertise(),
         };
         // A live runner-init answers on its socket with its own id; a dead one's socket
         // refuses the connection (pids may be reused, sockets are not).
@@ -407,6 +537,9 @@ impl Debris {
 
 pub struct NativeSandbox {
     id: String,
+    /// Its network (if it has one) and the host ports pool to give its ports back to.
+    network: Option<(RunnerNetwork, Arc<Mutex<BTreeSet<u16>>>)>,
+    advertise: String,
     /// The id range of its user namespace, freed when it is destroyed.
     id_slot: Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>,
     known: Arc<Mutex<HashSet<String>>>,
@@ -448,6 +581,17 @@ fn unexpected(r: Response) -> BackendError {
 
 #[async_trait]
 impl Sandbox for NativeSandbox {
+    fn mapped_ports(&self) -> Vec<MappedPort> {
+        self.network
+            .iter()
+            .flat_map(|(network, _)| network.ports.iter())
+            .map(|(inside, host)| MappedPort {
+                exposed_port: *inside,
+                host_address: format!("{}:{host}", self.advertise),
+            })
+            .collect()
+    }
+
     async fn execute(&self, spec: ExecSpec) -> BackendResult<BackendExecution> {
         if self.destroyed.load(Ordering::Acquire) {
             return Err(BackendError::Failed("the runner is gone".into()));
@@ -592,6 +736,14 @@ impl Sandbox for NativeSandbox {
         self.known.lock().unwrap().remove(&self.id);
         if let Some((slot, slots)) = &self.id_slot {
             slots.lock().unwrap().remove(slot);
+        }
+        if let Some((network, ports)) = &self.network {
+            let unmapped = network.clone();
+            let _ = tokio::task::spawn_blocking(move || network::unmap_ports(&unmapped)).await;
+            let mut taken = ports.lock().unwrap();
+            for (_, host) in &network.ports {
+                taken.remove(host);
+            }
         }
     }
 }

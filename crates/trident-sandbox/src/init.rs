@@ -148,12 +148,17 @@ fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
     cgroups.join(&spec.cgroup, std::process::id())?;
     unshare(
         CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWNET,
     )
-    .map_err(|e| io::Error::other(format!("unshare: {e}")))
+    .map_err(|e| io::Error::other(format!("unshare: {e}")))?;
+    // The network is wired with `ip` before the pid namespace exists: the first child after
+    // unshare(CLONE_NEWPID) becomes that namespace's init, and must be P1.
+    if let Some(network) = &spec.network {
+        crate::network::connect_runner(network)?;
+    }
+    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| io::Error::other(format!("unshare(pid): {e}")))
 }
 
 /// P1: pid 1 of the runner.

@@ -12,6 +12,7 @@ mod fdio;
 mod fileops;
 pub mod images;
 pub mod init;
+pub mod network;
 pub mod protocol;
 mod rootfs;
 pub mod spec;

@@ -379,6 +379,13 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
         0o644,
         spec.uid_base,
     )?;
+    let resolv: String = spec
+        .network
+        .iter()
+        .flat_map(|n| n.dns.iter())
+        .map(|dns| format!("nameserver {dns}\n"))
+        .collect();
+    replace_file(etc, "resolv.conf", &resolv, 0o644, spec.uid_base)?;
     replace_file(
         etc,
         "hosts",

@@ -34,6 +34,9 @@ pub struct InitSpec {
     /// The runner's user namespace maps its ids 0..65536 to host ids uid_base.. (the same
     /// for groups): root in the runner is this unprivileged id on the host.
     pub uid_base: u32,
+    /// Set for environments with network access; loopback only otherwise.
+    #[serde(default)]
+    pub network: Option<crate::network::RunnerNetwork>,
 }
 
 /// Ids per runner in its user namespace.

@@ -56,7 +56,59 @@ pub struct FileConfig {
     /// On SIGTERM, how long requests and executions in flight may take before they are cut.
     shutdown_grace_seconds: Option<u64>,
     destroy_runners_on_exit: Option<bool>,
+    /// Network access for environments with `networkAccess: true`.
+    #[serde(default)]
+    network: NetworkFileConfig,
     log: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFileConfig {
+    /// false: environments with network access are refused.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The /16 runners of this instance get addresses from (default: 10.x.0.0 with x
+    /// derived from the instance id).
+    pub subnet: Option<std::net::Ipv4Addr>,
+    /// Resolvers for runners (default: the host's non-loopback IPv4 nameservers).
+    pub dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// The address in `mappedPorts[].hostAddress` (default: the host's first non-loopback
+    /// IPv4 address).
+    pub advertise_address: Option<String>,
+    /// Host ports for exposed ports, e.g. `30000-39999`.
+    pub host_ports: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkFileConfig {
+    fn default() -> Self {
+        NetworkFileConfig {
+            enabled: true,
+            subnet: None,
+            dns: None,
+            advertise_address: None,
+            host_ports: None,
+        }
+    }
+}
+
+impl NetworkFileConfig {
+    pub fn host_port_range(&self) -> anyhow::Result<(u16, u16)> {
+        let Some(range) = &self.host_ports else {
+            return Ok((30000, 39999));
+        };
+        let parsed = range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .filter(|(a, b): &(u16, u16)| a <= b && *a > 0);
+        parsed.ok_or_else(|| {
+            anyhow::anyhow!("network.host_ports must look like 30000-39999, not {range:?}")
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -75,6 +127,7 @@ pub struct Settings {
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
     pub destroy_runners_on_exit: bool,
+    pub network: NetworkFileConfig,
     pub log: String,
 }
 
@@ -110,6 +163,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
+            network: file.network,
             log: file.log.unwrap_or_else(|| "info".into()),
         })
     }

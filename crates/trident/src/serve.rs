@@ -25,11 +25,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(mhz) = settings.cpu_mhz_per_core {
         native.cpu_mhz_per_core = mhz;
     }
+    native.network = network_config(&settings, &data_dir)?;
     let backend = NativeBackend::new(native)
         .context("starting the native sandbox (trident must run as root)")?;
     let cgroup_version = backend.cgroup_version();
     let cgroup_parent = backend.cgroup_parent().to_string();
-    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let backend = Arc::new(backend);
+    let native_backend = backend.clone();
+    let backend: Arc<dyn Backend> = backend;
 
     let manager = Manager::new(
         backend,
@@ -86,6 +89,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.destroy_runners_on_exit {
         tracing::info!("destroying all runners (--destroy-runners-on-exit)");
         manager.destroy_all_runners().await;
+        native_backend.teardown();
     } else {
         tracing::info!("runners keep running; the next start takes them over");
     }
@@ -129,6 +133,58 @@ fn systemd_ready() {
             }
         });
     }
+}
+
+/// Network settings with their defaults filled in from the host.
+fn network_config(
+    settings: &Settings,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<trident_sandbox::network::NetworkConfig>> {
+    let file = &settings.network;
+    if !file.enabled {
+        return Ok(None);
+    }
+    let instance = trident_sandbox::backend::instance_id(data_dir)?;
+    let x = 200 + u8::from_str_radix(&instance[..2], 16).unwrap_or(0) % 50;
+    let subnet = file
+        .subnet
+        .unwrap_or_else(|| std::net::Ipv4Addr::new(10, x, 0, 0));
+    let dns = file.dns.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/resolv.conf")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback())
+            .collect()
+    });
+    let advertise = match &file.advertise_address {
+        Some(address) => address.clone(),
+        None => primary_ipv4().unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    Ok(Some(trident_sandbox::network::NetworkConfig {
+        bridge: format!(
+            "{}{}",
+            trident_sandbox::network::IF_PREFIX,
+            &instance[..12.min(instance.len())]
+        ),
+        subnet,
+        dns,
+        advertise,
+        ports: file.host_port_range()?,
+    }))
+}
+
+/// The source address of the host's default route.
+fn primary_ipv4() -> Option<String> {
+    let output = std::process::Command::new("ip")
+        .args(["-o", "-4", "route", "get", "192.0.2.255"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "src")?;
+    words.next().map(String::from)
 }
 
 async fn shutdown_signal() {
