@@ -481,3 +481,165 @@ async fn bombs_floods_and_escapes_are_contained() {
     drop(stalled);
     assert_healthy(&server, &runner).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_api_never_reaches_host_files() {
+    let server = Server::start();
+    server.put_environment(4, 1, 256).await;
+    let runner = server.claim(4, 0).await;
+    let host_shadow = std::fs::read("/etc/shadow").unwrap();
+    let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+
+    // Executed code plants links to host paths (as root in the runner).
+    let run = privileged(
+        &server,
+        &runner,
+        "ln -s /etc/shadow shadow_link; ln -s / rootlink; ln -s /work hostwork; ln -s /proc/1/root p1root; ln /etc/passwd hardlink 2>/dev/null; mkdir -p d && ln -s ../../../../../../etc d/up; echo planted",
+    )
+    .await;
+    assert!(run.stdout().contains("planted"), "{run:?}");
+
+    // Download through the links: only ever the runner's own files.
+    for (path, privileged_query) in [
+        ("shadow_link", true),
+        ("shadow_link", false),
+        ("p1root/etc/shadow", true),
+        ("d/up/shadow", true),
+    ] {
+        let r = server
+            .get(&format!(
+                "/runners/{runner}/files/raw?path={path}&privilegedExecution={privileged_query}"
+            ))
+            .await;
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        assert!(status == 200 || status == 424, "{path}: {status}");
+        assert_ne!(
+            body.as_ref(),
+            host_shadow.as_slice(),
+            "{path} served the host's /etc/shadow"
+        );
+        assert!(
+            !String::from_utf8_lossy(&body).contains('$'),
+            "{path}: a password hash"
+        );
+    }
+    // `..` and absolute paths resolve inside the runner.
+    let r = server
+        .get(&format!(
+            "/runners/{runner}/files/raw?path=../../../../etc/passwd"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let passwd = r.text().await.unwrap();
+    assert!(passwd.contains("user:x:1000:1000"), "{passwd}");
+    let r = server
+        .get(&format!("/runners/{runner}/files/raw?path=/etc/hostname"))
+        .await;
+    let hostname = r.text().await.unwrap();
+    assert_eq!(hostname, "runner\n");
+    assert_ne!(hostname, host_hostname);
+
+    // Listing through the links shows the runner's tree, never the host's.
+    let r = server
+        .get(&format!(
+            "/runners/{runner}/files?path=rootlink/&recursive=false"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let listing: Value = r.json().await.unwrap();
+    let names: Vec<&str> = listing["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"rootlink/workspace"), "{names:?}");
+    for host_only in [
+        "rootlink/work",
+        "rootlink/farm",
+        "rootlink/boot",
+        "rootlink/home/cloudsdk",
+    ] {
+        assert!(!names.contains(&host_only), "{host_only} listed: {names:?}");
+    }
+    let r = server
+        .get(&format!("/runners/{runner}/files?path=hostwork/"))
+        .await;
+    assert_eq!(r.status(), 424, "the host's /work through a link");
+    let files = server.list(&runner, "").await;
+    let link = files.iter().find(|f| f["name"] == "./shadow_link").unwrap();
+    assert_eq!(link["entryType"], "l");
+    assert_eq!(link["linkTarget"], "/etc/shadow");
+
+    // Copying onto a planted link replaces the link; the host file never changes.
+    let r = server
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/runners/{runner}/files"),
+            json!({"copy": [{"path": "shadow_link", "content": common::b64("overwritten")},
+                            {"path": "d/up/shadow", "content": common::b64("through a dir link")}]}),
+        )
+        .await;
+    assert!(
+        r.status().is_success() || r.status() == 500,
+        "{}",
+        r.status()
+    );
+    assert_eq!(
+        std::fs::read("/etc/shadow").unwrap(),
+        host_shadow,
+        "the host's /etc/shadow changed"
+    );
+    let run = privileged(
+        &server,
+        &runner,
+        "test -L shadow_link && echo link || cat shadow_link",
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "overwritten");
+
+    // Deleting through links removes the links, not their targets.
+    let r = server
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/runners/{runner}/files"),
+            json!({"delete": ["rootlink", "hostwork", "./*"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert!(std::path::Path::new("/work").exists());
+    let run = privileged(
+        &server,
+        &runner,
+        "ls /etc/passwd /usr/bin/env > /dev/null && echo intact",
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "intact");
+
+    // The unprivileged file API cannot read root-only files; the privileged one can.
+    privileged(
+        &server,
+        &runner,
+        "echo secret > /workspace/root-only && chmod 600 /workspace/root-only",
+    )
+    .await;
+    let r = server
+        .get(&format!("/runners/{runner}/files/raw?path=root-only"))
+        .await;
+    assert_eq!(r.status(), 424);
+    let r = server
+        .get(&format!(
+            "/runners/{runner}/files/raw?path=root-only&privilegedExecution=true"
+        ))
+        .await;
+    assert_eq!(r.text().await.unwrap(), "secret\n");
+    // A FIFO is refused, not waited on.
+    privileged(&server, &runner, "mkfifo /workspace/pipe").await;
+    let r = server
+        .get(&format!(
+            "/runners/{runner}/files/raw?path=pipe&privilegedExecution=true"
+        ))
+        .await;
+    assert_eq!(r.status(), 424);
+}
