@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const ROOT: &str = "/sys/fs/cgroup";
+const SYSTEM_ROOT: &str = "/sys/fs/cgroup";
 const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "freezer"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,32 +41,39 @@ const CPU_PERIOD_US: u64 = 100_000;
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     version: CgroupVersion,
+    /// `/sys/fs/cgroup`, or a stand-in directory in unit tests.
+    root: PathBuf,
 }
 
 impl Cgroups {
     /// Pure cgroup2 hosts have `cgroup.controllers` at the root; anything with v1 controllers
     /// mounted is driven as v1 (hybrid hosts keep their controllers there).
     pub fn detect() -> io::Result<Cgroups> {
-        let root = Path::new(ROOT);
+        Cgroups::detect_at(Path::new(SYSTEM_ROOT))
+    }
+
+    fn detect_at(root: &Path) -> io::Result<Cgroups> {
+        let at = |version| Cgroups {
+            version,
+            root: root.to_path_buf(),
+        };
         if root.join("cgroup.controllers").exists() {
-            return Ok(Cgroups {
-                version: CgroupVersion::V2,
-            });
+            return Ok(at(CgroupVersion::V2));
         }
         if root.join("memory").join("cgroup.procs").exists() {
             for c in V1_CONTROLLERS {
                 if !root.join(c).join("cgroup.procs").exists() {
                     return Err(io::Error::other(format!(
-                        "cgroup v1 host without the {c} controller mounted at {ROOT}/{c}"
+                        "cgroup v1 host without the {c} controller mounted at {}/{c}",
+                        root.display()
                     )));
                 }
             }
-            return Ok(Cgroups {
-                version: CgroupVersion::V1,
-            });
+            return Ok(at(CgroupVersion::V1));
         }
         Err(io::Error::other(format!(
-            "no usable cgroup hierarchy under {ROOT}"
+            "no usable cgroup hierarchy under {}",
+            root.display()
         )))
     }
 
@@ -76,18 +83,18 @@ impl Cgroups {
 
     fn dirs(&self, name: &str) -> Vec<PathBuf> {
         match self.version {
-            CgroupVersion::V2 => vec![Path::new(ROOT).join(name)],
+            CgroupVersion::V2 => vec![self.root.as_path().join(name)],
             CgroupVersion::V1 => V1_CONTROLLERS
                 .iter()
-                .map(|c| Path::new(ROOT).join(c).join(name))
+                .map(|c| self.root.as_path().join(c).join(name))
                 .collect(),
         }
     }
 
     fn controller_dir(&self, controller: &str, name: &str) -> PathBuf {
         match self.version {
-            CgroupVersion::V2 => Path::new(ROOT).join(name),
-            CgroupVersion::V1 => Path::new(ROOT).join(controller).join(name),
+            CgroupVersion::V2 => self.root.as_path().join(name),
+            CgroupVersion::V1 => self.root.as_path().join(controller).join(name),
         }
     }
 
@@ -95,7 +102,7 @@ impl Cgroups {
     /// its limits. On v2 the controllers are enabled on every ancestor first.
     pub fn create(&self, name: &str, limits: &Limits) -> io::Result<()> {
         if self.version == CgroupVersion::V2 {
-            let mut path = PathBuf::from(ROOT);
+            let mut path = self.root.clone();
             for part in Path::new(name)
                 .parent()
                 .into_iter()
@@ -104,7 +111,7 @@ impl Cgroups {
                 path.push(part);
                 fs::create_dir_all(&path)?;
             }
-            let mut ancestor = PathBuf::from(ROOT);
+            let mut ancestor = self.root.clone();
             enable_v2_controllers(&ancestor)?;
             for part in Path::new(name)
                 .parent()
@@ -118,46 +125,13 @@ impl Cgroups {
         for dir in self.dirs(name) {
             fs::create_dir_all(&dir)?;
         }
-        let mem = limits.memory_bytes.to_string();
-        match self.version {
-            CgroupVersion::V1 => {
-                let memory = self.controller_dir("memory", name);
-                write(&memory, "memory.limit_in_bytes", &mem)?;
-                // Without swap accounting this file is absent; with it, forbid swapping.
-                if memory.join("memory.memsw.limit_in_bytes").exists() {
-                    write(&memory, "memory.memsw.limit_in_bytes", &mem)?;
-                }
-                let cpu = self.controller_dir("cpu", name);
-                write(&cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                let quota = match limits.cpu_cores {
-                    Some(cores) => ((cores * CPU_PERIOD_US as f64) as u64)
-                        .max(1000)
-                        .to_string(),
-                    None => "-1".to_string(),
-                };
-                write(&cpu, "cpu.cfs_quota_us", &quota)?;
-                write(
-                    &self.controller_dir("pids", name),
-                    "pids.max",
-                    &limits.pids.to_string(),
-                )?;
+        for (controller, file, value) in limit_files(self.version, limits) {
+            let dir = self.controller_dir(controller, name);
+            // Swap files exist only with swap accounting; without it there is nothing to forbid.
+            if SWAP_FILES.contains(&file) && !dir.join(file).exists() {
+                continue;
             }
-            CgroupVersion::V2 => {
-                let dir = Path::new(ROOT).join(name);
-                write(&dir, "memory.max", &mem)?;
-                if dir.join("memory.swap.max").exists() {
-                    write(&dir, "memory.swap.max", "0")?;
-                }
-                let cpu = match limits.cpu_cores {
-                    Some(cores) => format!(
-                        "{} {CPU_PERIOD_US}",
-                        ((cores * CPU_PERIOD_US as f64) as u64).max(1000)
-                    ),
-                    None => format!("max {CPU_PERIOD_US}"),
-                };
-                write(&dir, "cpu.max", &cpu)?;
-                write(&dir, "pids.max", &limits.pids.to_string())?;
-            }
+            write(&dir, file, &value)?;
         }
         Ok(())
     }
@@ -197,7 +171,7 @@ impl Cgroups {
     pub fn kill_all(&self, name: &str) {
         match self.version {
             CgroupVersion::V2 => {
-                let dir = Path::new(ROOT).join(name);
+                let dir = self.root.as_path().join(name);
                 if dir.join("cgroup.kill").exists() {
                     let _ = write(&dir, "cgroup.kill", "1");
                 } else {
@@ -242,7 +216,7 @@ impl Cgroups {
                 );
             }
             CgroupVersion::V2 => {
-                let _ = write(&Path::new(ROOT).join(name), "cgroup.freeze", "0");
+                let _ = write(&self.root.as_path().join(name), "cgroup.freeze", "0");
             }
         }
     }
@@ -289,6 +263,46 @@ impl Cgroups {
     }
 }
 
+const SWAP_FILES: [&str; 2] = ["memory.memsw.limit_in_bytes", "memory.swap.max"];
+
+/// The files that carry `limits`, per version: (controller, file, value), in write order.
+fn limit_files(
+    version: CgroupVersion,
+    limits: &Limits,
+) -> Vec<(&'static str, &'static str, String)> {
+    let memory = limits.memory_bytes.to_string();
+    let quota = limits
+        .cpu_cores
+        .map(|cores| ((cores * CPU_PERIOD_US as f64) as u64).max(1000));
+    let pids = limits.pids.to_string();
+    match version {
+        CgroupVersion::V1 => vec![
+            ("memory", "memory.limit_in_bytes", memory.clone()),
+            ("memory", "memory.memsw.limit_in_bytes", memory),
+            ("cpu", "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+            (
+                "cpu",
+                "cpu.cfs_quota_us",
+                quota.map_or("-1".to_string(), |q| q.to_string()),
+            ),
+            ("pids", "pids.max", pids),
+        ],
+        CgroupVersion::V2 => vec![
+            ("memory", "memory.max", memory),
+            ("memory", "memory.swap.max", "0".to_string()),
+            (
+                "cpu",
+                "cpu.max",
+                format!(
+                    "{} {CPU_PERIOD_US}",
+                    quota.map_or("max".to_string(), |q| q.to_string())
+                ),
+            ),
+            ("pids", "pids.max", pids),
+        ],
+    }
+}
+
 fn read_pids(dir: &Path) -> Vec<i32> {
     fs::read_to_string(dir.join("cgroup.procs"))
         .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -319,4 +333,76 @@ fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
             format!("writing {value} to {}: {e}", dir.join(file).display()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        memory_bytes: 256 << 20,
+        cpu_cores: Some(0.25),
+        pids: 512,
+    };
+
+    #[test]
+    fn limits_are_written_in_each_versions_format() {
+        let v2 = limit_files(CgroupVersion::V2, &LIMITS);
+        assert!(v2.contains(&("memory", "memory.max", "268435456".into())));
+        assert!(v2.contains(&("memory", "memory.swap.max", "0".into())));
+        assert!(v2.contains(&("cpu", "cpu.max", "25000 100000".into())));
+        assert!(v2.contains(&("pids", "pids.max", "512".into())));
+        let v1 = limit_files(CgroupVersion::V1, &LIMITS);
+        assert!(v1.contains(&("memory", "memory.limit_in_bytes", "268435456".into())));
+        assert!(v1.contains(&("cpu", "cpu.cfs_quota_us", "25000".into())));
+        assert!(v1.contains(&("pids", "pids.max", "512".into())));
+        let unlimited = Limits {
+            cpu_cores: None,
+            ..LIMITS
+        };
+        assert!(limit_files(CgroupVersion::V2, &unlimited).contains(&(
+            "cpu",
+            "cpu.max",
+            "max 100000".into()
+        )));
+        assert!(limit_files(CgroupVersion::V1, &unlimited).contains(&(
+            "cpu",
+            "cpu.cfs_quota_us",
+            "-1".into()
+        )));
+    }
+
+    #[test]
+    fn pure_v2_hybrid_and_v1_hosts_are_told_apart() {
+        let v2 = tempfile::tempdir().unwrap();
+        fs::write(v2.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        assert_eq!(
+            Cgroups::detect_at(v2.path()).unwrap().version(),
+            CgroupVersion::V2
+        );
+
+        // A hybrid host (v1 controllers, an empty cgroup2 at `unified`) is driven as v1.
+        let hybrid = tempfile::tempdir().unwrap();
+        for c in V1_CONTROLLERS {
+            fs::create_dir_all(hybrid.path().join(c)).unwrap();
+            fs::write(hybrid.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        fs::create_dir_all(hybrid.path().join("unified")).unwrap();
+        fs::write(hybrid.path().join("unified/cgroup.controllers"), "").unwrap();
+        assert_eq!(
+            Cgroups::detect_at(hybrid.path()).unwrap().version(),
+            CgroupVersion::V1
+        );
+
+        fs::remove_file(hybrid.path().join("freezer/cgroup.procs")).unwrap();
+        let err = Cgroups::detect_at(hybrid.path()).unwrap_err();
+        assert!(err.to_string().contains("freezer"), "{err}");
+        assert!(Cgroups::detect_at(tempfile::tempdir().unwrap().path()).is_err());
+    }
+
+    #[test]
+    fn this_host_is_detected() {
+        // Whatever this machine is, detection must succeed on it (the sandbox depends on it).
+        Cgroups::detect().expect("a usable cgroup hierarchy");
+    }
 }
