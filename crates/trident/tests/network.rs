@@ -30,7 +30,11 @@ impl TestHost {
     fn new(tag: &str, host_side: &str, inside: &str, extra: &[&str]) -> TestHost {
         let name = format!("tt{tag}{}", std::process::id() % 100_000);
         let veth = format!("tt{tag}{}", std::process::id() % 100_000);
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A namespace left by an earlier run that died.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", &name]);
         ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
