@@ -188,8 +188,14 @@ impl Cgroups {
         }
         for round in 0..2000u32 {
             let pids = self.processes(name);
+            // Empty. A runner-init that is still starting joins its cgroup by itself, maybe
+            // right now: thaw (a frozen newcomer would hang) and look once more.
             if pids.is_empty() {
-                break;
+                self.thaw(name);
+                if self.processes(name).is_empty() {
+                    break;
+                }
+                continue;
             }
             for pid in pids {
                 // SAFETY: plain kill(2) on a pid read from the cgroup.

@@ -13,6 +13,8 @@ use trident_store::SqliteStore;
 use crate::config::Settings;
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Installed first: a SIGTERM that arrives while we start must still mean a clean stop.
+    let stop_signal = shutdown_signal()?;
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating the data dir {}", settings.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&settings.data_dir)?;
@@ -75,7 +77,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     tokio::select! {
         result = &mut server => result?,
-        () = shutdown_signal() => {
+        () = stop_signal => {
             tracing::info!("stopping: no new connections; finishing requests in flight");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop_tx.send(true);
@@ -89,6 +91,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.destroy_runners_on_exit {
         tracing::info!("destroying all runners (--destroy-runners-on-exit)");
         manager.destroy_all_runners().await;
+        // Anything still under our cgroup parent or runners dir is debris (e.g. a runner an
+        // earlier life of the server was still starting when it died): leave nothing.
+        if let Err(e) = native_backend.sweep(&[]).await {
+            tracing::warn!(error = %e, "final sweep failed");
+        }
         native_backend.teardown();
     } else {
         tracing::info!("runners keep running; the next start takes them over");
@@ -187,12 +194,15 @@ fn primary_ipv4() -> Option<String> {
     words.next().map(String::from)
 }
 
-async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT; the handlers are in place once this returns.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
