@@ -62,7 +62,16 @@ impl IntoResponse for ApiError {
             Some(code) => json!({ "message": self.message, "errorCode": code }),
             None => json!({ "message": self.message }),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body stays unread, so this connection cannot carry another
+            // request: say so, and keep-alive clients open a fresh one instead of failing.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

@@ -144,6 +144,9 @@ impl NativeBackend {
         if let Some(config) = &self.config.network {
             network::teardown_host(config);
         }
+        if self.cgroups.children(&self.cgroup_parent).is_empty() {
+            self.cgroups.remove(&self.cgroup_parent);
+        }
     }
 
     pub fn cgroup_parent(&self) -> &str {

@@ -154,6 +154,11 @@ async fn bad_requests_are_refused_clearly_and_change_nothing() {
         )
         .await;
     assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.headers()["connection"],
+        "close",
+        "the connection cannot be reused"
+    );
 
     // Unknown routes, wrong methods, unknown ids.
     assert_eq!(server.get("/nothing-here").await.status(), 404);
