@@ -61,21 +61,25 @@ impl SqliteStore {
     }
 }
 
+/// Rows of one JSON text column, decoded.
+fn load_json<T: serde::de::DeserializeOwned>(conn: &Connection, sql: &str) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare(sql).map_err(|e| e.to_string())?;
+    let rows = stmt
+        .query_map([], |row| row.get::<_, String>(0))
+        .map_err(|e| e.to_string())?;
+    rows.map(|row| {
+        let json = row.map_err(|e| e.to_string())?;
+        serde_json::from_str(&json).map_err(|e| e.to_string())
+    })
+    .collect()
+}
+
 impl Store for SqliteStore {
     fn load_environments(&self) -> StoreResult<Vec<ExecutionEnvironment>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn
-            .prepare("SELECT definition FROM environments ORDER BY id")
-            .map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(|e| e.to_string())?;
-        let mut envs = Vec::new();
-        for row in rows {
-            let json = row.map_err(|e| e.to_string())?;
-            envs.push(serde_json::from_str(&json).map_err(|e| e.to_string())?);
-        }
-        Ok(envs)
+        load_json(
+            &self.conn.lock().unwrap(),
+            "SELECT definition FROM environments ORDER BY id",
+        )
     }
 
     fn save_environment(&self, env: &ExecutionEnvironment) -> StoreResult<()> {
@@ -102,19 +106,10 @@ impl Store for SqliteStore {
     }
 
     fn load_runners(&self) -> StoreResult<Vec<RunnerRecord>> {
-        let conn = self.runners.lock().unwrap();
-        let mut stmt = conn
-            .prepare("SELECT record FROM runners ORDER BY id")
-            .map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(|e| e.to_string())?;
-        let mut runners = Vec::new();
-        for row in rows {
-            let json = row.map_err(|e| e.to_string())?;
-            runners.push(serde_json::from_str(&json).map_err(|e| e.to_string())?);
-        }
-        Ok(runners)
+        load_json(
+            &self.runners.lock().unwrap(),
+            "SELECT record FROM runners ORDER BY id",
+        )
     }
 
     fn save_runner(&self, runner: &RunnerRecord) -> StoreResult<()> {

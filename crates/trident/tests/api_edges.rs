@@ -470,21 +470,5 @@ async fn many_runners_come_and_go_without_leaks() {
         assert_eq!(r.status(), 204);
     }
     server.wait_idle(7, 1).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (cgroups, dirs, inits) = (
-            server.runner_cgroups().len(),
-            server.runner_dirs(),
-            server.runner_init_processes(),
-        );
-        if (cgroups, dirs, inits) == (1, 1, 2) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{cgroups} cgroups, {dirs} dirs, {inits} runner-inits for 1 runner"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(server.host_mounts(), 0);
+    server.assert_runners_on_host(1).await;
 }

@@ -36,25 +36,7 @@ async fn assert_settled(server: &Server, envs: &[(u64, u64, u64)]) {
         assert_eq!(stats(server, env).await["usedRunners"], used, "env {env}");
     }
     let runners: u64 = envs.iter().map(|(_, i, u)| i + u).sum();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let cgroups = server.runner_cgroups().len() as u64;
-        let dirs = server.runner_dirs() as u64;
-        let processes = server.runner_init_processes() as u64;
-        if cgroups == runners && dirs == runners && processes == 2 * runners {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected {runners} runners, found {cgroups} cgroups, {dirs} dirs, {processes} runner-init processes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        server.host_mounts(),
-        0,
-        "runner mounts leaked into the host"
-    );
+    server.assert_runners_on_host(runners as usize).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,11 +124,11 @@ async fn executions_running_at_the_crash_are_killed_and_the_runner_stays_usable(
             break;
         }
     }
-    assert_eq!(count_processes("987.25"), 1);
+    assert_eq!(common::host_processes("987.25"), 1);
     server.crash_and_restart();
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while count_processes("987.25") != 0 {
+    while common::host_processes("987.25") != 0 {
         assert!(
             Instant::now() < deadline,
             "the execution survived the crash of its server"
@@ -156,19 +138,6 @@ async fn executions_running_at_the_crash_are_killed_and_the_runner_stays_usable(
     let run = server.execute(&runner, exec("echo -n still here")).await;
     assert_eq!(run.stdout(), "still here");
     assert_settled(&server, &[(3, 1, 1)]).await;
-}
-
-/// Host processes whose command line contains `marker`.
-fn count_processes(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
-        })
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,19 +344,6 @@ async fn runners_see_neither_the_host_nor_each_other() {
         .unwrap();
 }
 
-/// Host processes whose command line contains `marker` (arguments separated by NUL).
-fn host_processes(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
-        })
-        .count()
-}
-
 async fn assert_healthy(server: &Server, runner: &str) {
     assert_eq!(server.get("/health").await.status(), 204);
     let run = server.execute(runner, exec("echo -n alive")).await;
@@ -429,7 +416,7 @@ async fn bombs_floods_and_escapes_are_contained() {
         "sleep\u{0}1004",
     ]
     .iter()
-    .any(|m| host_processes(m) > 0)
+    .any(|m| common::host_processes(m) > 0)
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -470,7 +457,7 @@ async fn bombs_floods_and_escapes_are_contained() {
         .await;
     let stalled = server.connect(&url).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while host_processes("yes\u{0}flood") > 0 {
+    while common::host_processes("yes\u{0}flood") > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the time limit did not hold"

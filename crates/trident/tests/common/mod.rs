@@ -394,6 +394,43 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Waits until the host holds exactly `runners` runners of this server (cgroups,
+    /// directories, two runner-init processes each) and none of their mounts.
+    pub async fn assert_runners_on_host(&self, runners: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = (
+                self.runner_cgroups().len(),
+                self.runner_dirs(),
+                self.runner_init_processes(),
+            );
+            if found == (runners, runners, 2 * runners) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {runners} runners; found (cgroups, dirs, runner-inits) {found:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(self.host_mounts(), 0, "runner mounts leaked into the host");
+    }
+}
+
+/// Host processes whose command line contains `marker` (arguments are separated by NUL).
+pub fn host_processes(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 impl Drop for Server {
     /// No runner outlives its test: a server that keeps its runners (or was killed) is
     /// followed by one that takes them over and destroys them.
