@@ -154,7 +154,7 @@ impl NativeBackend {
     }
 
     fn max_slots(&self) -> u32 {
-        (u32::MAX - self.config.first_runner_id) / IDS_PER_RUNNER - 1
+        ((u32::MAX - self.config.first_runner_id) / IDS_PER_RUNNER).saturating_sub(1)
     }
 
     /// Takes the lowest free id range.

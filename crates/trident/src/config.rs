@@ -55,6 +55,9 @@ pub struct FileConfig {
     cpu_mhz_per_core: Option<f64>,
     /// On SIGTERM, how long requests and executions in flight may take before they are cut.
     shutdown_grace_seconds: Option<u64>,
+    /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
+    /// give each trident instance on a host its own range.
+    runner_id_base: Option<u32>,
     destroy_runners_on_exit: Option<bool>,
     /// Network access for environments with `networkAccess: true`.
     #[serde(default)]
@@ -126,6 +129,7 @@ pub struct Settings {
     pub min_cpu_cores: f64,
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
+    pub runner_id_base: u32,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -137,6 +141,15 @@ impl Settings {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
+        let runner_id_base = file.runner_id_base.unwrap_or(1_000_000_000);
+        // Root in a runner must never be a real user of the host (least of all root), and
+        // the ranges of many runners must fit below the largest id.
+        if !(100_000..=u32::MAX - 65_536 * 1024).contains(&runner_id_base) {
+            anyhow::bail!(
+                "runner_id_base must be between 100000 and {}, not {runner_id_base}",
+                u32::MAX - 65_536 * 1024
+            );
+        }
         let threshold = file.pool_depletion_threshold.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&threshold) {
             anyhow::bail!("pool_depletion_threshold must be between 0 and 1, not {threshold}");
@@ -161,6 +174,7 @@ impl Settings {
             min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
             cpu_mhz_per_core: file.cpu_mhz_per_core,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
+            runner_id_base,
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,
@@ -199,6 +213,19 @@ mod tests {
         assert_eq!(s.data_dir, PathBuf::from("./trident-data"));
         assert_eq!(s.images.get("python").map(String::as_str), Some("host"));
         assert_eq!(s.claim_wait, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn runner_ids_never_reach_real_host_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trident.yaml");
+        std::fs::write(&path, "runner_id_base: 0\n").unwrap();
+        let err = Settings::resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("runner_id_base"), "{err}");
     }
 
     #[test]

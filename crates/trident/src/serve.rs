@@ -24,6 +24,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut native = NativeConfig::new(data_dir.clone(), images);
     native.pids_limit = settings.pids_limit;
     native.min_cpu_cores = settings.min_cpu_cores;
+    native.first_runner_id = settings.runner_id_base;
     if let Some(mhz) = settings.cpu_mhz_per_core {
         native.cpu_mhz_per_core = mhz;
     }
