@@ -596,12 +596,12 @@ impl Manager {
             }
             all
         };
-        let inner = self.inner.clone();
-        let destroys = runners.into_iter().map(move |r| {
-            let inner = inner.clone();
-            async move { inner.destroy(r, RunnerEnd::Deleted).await }
-        });
-        futures_join_all(destroys).await;
+        let mut destroys = tokio::task::JoinSet::new();
+        for runner in runners {
+            let inner = self.inner.clone();
+            destroys.spawn(async move { inner.destroy(runner, RunnerEnd::Deleted).await });
+        }
+        while destroys.join_next().await.is_some() {}
     }
 }
 
@@ -613,16 +613,6 @@ pub struct RestoreReport {
     pub used: usize,
     /// Records of runners that were gone or no longer wanted.
     pub dropped: usize,
-}
-
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) {
-    let mut set = tokio::task::JoinSet::new();
-    for f in futures {
-        set.spawn(f);
-    }
-    while set.join_next().await.is_some() {}
 }
 
 fn file_error(e: BackendError) -> Error {

@@ -360,7 +360,7 @@ fn exec(
     // double-forked daemons included).
     unshare(CloneFlags::CLONE_NEWPID).map_err(io::Error::other)?;
     let argv = shell_argv(command);
-    let envp = environment_for(spec, privileged, environment, tty);
+    let envp = environment_for(privileged, environment, tty);
     // SAFETY: single-threaded process.
     let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
         ForkResult::Child => exec_init(spec, filters, privileged, tty, &fds, &argv, &envp, stream),
@@ -420,18 +420,12 @@ fn shell_argv(command: &str) -> Vec<CString> {
         .collect()
 }
 
-fn environment_for(
-    spec: &InitSpec,
-    privileged: bool,
-    extra: &[(String, String)],
-    tty: bool,
-) -> Vec<CString> {
+fn environment_for(privileged: bool, extra: &[(String, String)], tty: bool) -> Vec<CString> {
     let (user, home) = if privileged {
         ("root", "/root")
     } else {
         (USER_NAME, WORKSPACE)
     };
-    let _ = spec;
     let mut vars: Vec<(String, String)> = vec![
         (
             "PATH".into(),
