@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection};
 use trident_core::model::{EnvironmentId, ExecutionEnvironment};
 use trident_core::store::{RunnerRecord, Store, StoreResult};
+use trident_gitlab::{AgentStore, RegisteredAgent};
 
 pub struct SqliteStore {
     /// Environments: synchronous=FULL.
@@ -27,6 +28,11 @@ const MIGRATIONS: &[&str] = &[
     )",
     "CREATE TABLE runners (
         id TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    )",
+    "CREATE TABLE ci_agents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_hash TEXT NOT NULL UNIQUE,
         record TEXT NOT NULL
     )",
 ];
@@ -131,6 +137,64 @@ impl Store for SqliteStore {
             .lock()
             .unwrap()
             .execute("DELETE FROM runners WHERE id = ?1", params![id])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Registered runner agents of the GitLab Runner API (synchronous=FULL: a registration
+/// the agent was told about must not be lost).
+impl AgentStore for SqliteStore {
+    fn insert_agent(&self, runner: &RegisteredAgent) -> StoreResult<i64> {
+        let conn = self.conn.lock().unwrap();
+        let json = serde_json::to_string(runner).map_err(|e| e.to_string())?;
+        conn.execute(
+            "INSERT INTO ci_agents (token_hash, record) VALUES (?1, ?2)",
+            params![runner.token_hash, json],
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn agent_by_token_hash(&self, token_hash: &str) -> StoreResult<Option<RegisteredAgent>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, record FROM ci_agents WHERE token_hash = ?1")
+            .map_err(|e| e.to_string())?;
+        let mut rows = stmt
+            .query_map(params![token_hash], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        match rows.next() {
+            None => Ok(None),
+            Some(row) => {
+                let (id, json) = row.map_err(|e| e.to_string())?;
+                let runner: RegisteredAgent =
+                    serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                Ok(Some(RegisteredAgent { id, ..runner }))
+            }
+        }
+    }
+
+    fn update_agent(&self, runner: &RegisteredAgent) -> StoreResult<()> {
+        let json = serde_json::to_string(runner).map_err(|e| e.to_string())?;
+        self.conn
+            .lock()
+            .unwrap()
+            .execute(
+                "UPDATE ci_agents SET token_hash = ?1, record = ?2 WHERE id = ?3",
+                params![runner.token_hash, json, runner.id],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn delete_agent(&self, id: i64) -> StoreResult<()> {
+        self.conn
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM ci_agents WHERE id = ?1", params![id])
             .map(|_| ())
             .map_err(|e| e.to_string())
     }

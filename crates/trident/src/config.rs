@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// A YAML file with the same settings (and the `images:` table)
     #[arg(long, env = "TRIDENT_CONFIG")]
     config: Option<PathBuf>,
+    /// Runner agents register with this token on the GitLab Runner API (/api/v4); without
+    /// it, registration is refused
+    #[arg(long, env = "TRIDENT_REGISTRATION_TOKEN", hide_env_values = true)]
+    registration_token: Option<String>,
     /// Destroy all runners when stopping (by default they keep running and the next start
     /// takes them over, so clients keep their runners across a restart)
     #[arg(long, env = "TRIDENT_DESTROY_RUNNERS_ON_EXIT")]
@@ -36,6 +40,7 @@ pub struct ServeArgs {
 pub struct FileConfig {
     listen: Option<SocketAddr>,
     token: Option<String>,
+    registration_token: Option<String>,
     data_dir: Option<PathBuf>,
     /// Image name → `host` or an absolute root filesystem directory.
     #[serde(default)]
@@ -118,6 +123,7 @@ impl NetworkFileConfig {
 pub struct Settings {
     pub listen: SocketAddr,
     pub token: Option<String>,
+    pub registration_token: Option<String>,
     pub data_dir: PathBuf,
     pub images: BTreeMap<String, String>,
     pub claim_wait: Duration,
@@ -160,6 +166,10 @@ impl Settings {
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:7200".parse().expect("valid")),
             token: args.token.or(file.token).filter(|t| !t.is_empty()),
+            registration_token: args
+                .registration_token
+                .or(file.registration_token)
+                .filter(|t| !t.is_empty()),
             data_dir: args
                 .data_dir
                 .or(file.data_dir)

@@ -18,7 +18,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating the data dir {}", settings.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&settings.data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("trident.db")).context("opening the database")?;
+    let store =
+        Arc::new(SqliteStore::open(&data_dir.join("trident.db")).context("opening the database")?);
 
     let images = Images::new(settings.images.clone()).map_err(anyhow::Error::msg)?;
     let mut native = NativeConfig::new(data_dir.clone(), images);
@@ -39,7 +40,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let manager = Manager::new(
         backend,
-        Arc::new(store),
+        store.clone(),
         ManagerConfig {
             claim_wait: settings.claim_wait,
             max_concurrent_creations: settings.max_concurrent_creations,
@@ -57,7 +58,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             max_body_bytes: settings.max_body_bytes,
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
-    );
+    )
+    .merge(trident_gitlab::router(
+        store,
+        trident_gitlab::GitlabConfig {
+            registration_token: settings.registration_token.clone(),
+        },
+    ));
     let listener = listener(&settings).await?;
     let address = listener.local_addr()?;
     tracing::info!(
