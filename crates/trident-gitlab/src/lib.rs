@@ -2,41 +2,77 @@
 //! `lib/api/ci/runner.rb` serves it, so that real runner agents (the `gitlab-runner` agent, custom
 //! runners built on the `gitlab-runner` crate) can work for trident.
 //!
-//! So far: runner registration, verification, deletion and token reset. Jobs (request with
-//! long polling, state updates, traces, artifacts), trident's jobs API and the built-in agent
-//! are the rest of the issue "GitLab Runner API v4 coordinator, jobs API and built-in agent".
+//! So far: agent registration, verification, deletion and token reset; the job queue with
+//! long-polling `/jobs/request`, state updates and traces; trident's jobs API under
+//! `/api/v1/jobs`. Artifacts and the built-in agent are the rest of the issue "GitLab Runner
+//! API v4 coordinator, jobs API and built-in agent".
 
+mod agent_jobs;
+mod client_jobs;
+pub mod coordinator;
+pub mod jobs;
 mod params;
 mod runners;
 pub mod store;
 pub mod tokens;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::routing::post;
+use axum::routing::{get, post, put};
 use axum::Router;
 
-pub use store::{AgentStore, RegisteredAgent};
+pub use coordinator::Coordinator;
+pub use store::{AgentStore, CiStore, JobStore, RegisteredAgent};
 
 #[derive(Clone)]
 pub struct GitlabConfig {
     /// The token agents register with; without one, registration is refused (403).
     pub registration_token: Option<String>,
+    /// The `Poseidon-Token` of `/api/v1` (the jobs API shares it).
+    pub api_token: Option<String>,
+    /// How long `/jobs/request` waits for a job before answering 204 (0 = at once).
+    pub request_poll: Duration,
+    /// Where traces are kept.
+    pub data_dir: PathBuf,
 }
 
 #[derive(Clone)]
 pub(crate) struct GitlabState {
-    pub store: Arc<dyn AgentStore>,
+    pub store: Arc<dyn CiStore>,
+    pub coordinator: Arc<Coordinator>,
     pub config: Arc<GitlabConfig>,
 }
 
-/// The `/api/v4` routes.
-pub fn router(store: Arc<dyn AgentStore>, config: GitlabConfig) -> Router {
+/// The `/api/v4` routes and `/api/v1/jobs`.
+pub fn router(store: Arc<dyn CiStore>, config: GitlabConfig) -> Result<Router, String> {
+    let coordinator = Arc::new(Coordinator::new(
+        store.clone(),
+        config.data_dir.join("traces"),
+    )?);
     let state = GitlabState {
         store,
+        coordinator,
         config: Arc::new(config),
     };
+    let jobs_api = Router::new()
+        .route(
+            "/api/v1/jobs",
+            post(client_jobs::create).get(client_jobs::list),
+        )
+        .route("/api/v1/jobs/{id}", get(client_jobs::get))
+        .route("/api/v1/jobs/{id}/trace", get(client_jobs::trace))
+        .route("/api/v1/jobs/{id}/cancel", post(client_jobs::cancel))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            client_jobs::require_token,
+        ))
+        .with_state(state.clone());
     let api = Router::new()
+        .route("/jobs/request", post(agent_jobs::request))
+        .route("/jobs/{id}", put(agent_jobs::update))
+        .route("/jobs/{id}/trace", axum::routing::patch(agent_jobs::trace))
         .route(
             "/runners",
             post(runners::register).delete(runners::unregister),
@@ -47,5 +83,5 @@ pub fn router(store: Arc<dyn AgentStore>, config: GitlabConfig) -> Router {
             post(runners::reset_token),
         )
         .with_state(state);
-    Router::new().nest("/api/v4", api)
+    Ok(Router::new().nest("/api/v4", api).merge(jobs_api))
 }

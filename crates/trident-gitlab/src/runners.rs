@@ -15,7 +15,7 @@ const ACCESS_LEVELS: [&str; 2] = ["not_protected", "ref_protected"];
 const MAX_NOTE: usize = 1024;
 
 /// Why a request is refused, as GitLab words it.
-enum Refusal {
+pub(crate) enum Refusal {
     Forbidden,
     Param(ParamError),
     /// A model validation error: field and problem.
@@ -145,7 +145,7 @@ fn register_inner(state: &GitlabState, params: &Params) -> Result<Response, Refu
 }
 
 /// The agent the request's `token` authenticates.
-fn authenticate(
+pub(crate) fn authenticate(
     state: &GitlabState,
     params: &Params,
 ) -> Result<(String, RegisteredAgent), Refusal> {

@@ -21,6 +21,17 @@ pub struct RegisteredAgent {
     pub maximum_timeout: Option<i64>,
 }
 
+/// Everything the CI side stores.
+pub trait CiStore: AgentStore + JobStore {}
+impl<T: AgentStore + JobStore> CiStore for T {}
+
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job and returns its id.
+    fn insert_job(&self, job: &crate::jobs::Job) -> StoreResult<i64>;
+    fn update_job(&self, job: &crate::jobs::Job) -> StoreResult<()>;
+    fn load_jobs(&self) -> StoreResult<Vec<crate::jobs::Job>>;
+}
+
 pub trait AgentStore: Send + Sync + 'static {
     /// Stores a new runner and returns its id.
     fn insert_agent(&self, runner: &RegisteredAgent) -> StoreResult<i64>;

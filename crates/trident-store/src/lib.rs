@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection};
 use trident_core::model::{EnvironmentId, ExecutionEnvironment};
 use trident_core::store::{RunnerRecord, Store, StoreResult};
-use trident_gitlab::{AgentStore, RegisteredAgent};
+use trident_gitlab::jobs::Job;
+use trident_gitlab::{AgentStore, JobStore, RegisteredAgent};
 
 pub struct SqliteStore {
     /// Environments: synchronous=FULL.
@@ -33,6 +34,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE ci_agents (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         token_hash TEXT NOT NULL UNIQUE,
+        record TEXT NOT NULL
+    )",
+    "CREATE TABLE ci_jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         record TEXT NOT NULL
     )",
 ];
@@ -197,6 +202,48 @@ impl AgentStore for SqliteStore {
             .execute("DELETE FROM ci_agents WHERE id = ?1", params![id])
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+/// Jobs of the jobs API (synchronous=FULL: an acknowledged job is never lost).
+impl JobStore for SqliteStore {
+    fn insert_job(&self, job: &Job) -> StoreResult<i64> {
+        let conn = self.conn.lock().unwrap();
+        let json = serde_json::to_string(job).map_err(|e| e.to_string())?;
+        conn.execute("INSERT INTO ci_jobs (record) VALUES (?1)", params![json])
+            .map_err(|e| e.to_string())?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    fn update_job(&self, job: &Job) -> StoreResult<()> {
+        let json = serde_json::to_string(job).map_err(|e| e.to_string())?;
+        self.conn
+            .lock()
+            .unwrap()
+            .execute(
+                "UPDATE ci_jobs SET record = ?1 WHERE id = ?2",
+                params![json, job.id],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn load_jobs(&self) -> StoreResult<Vec<Job>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id, record FROM ci_jobs ORDER BY id")
+            .map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        rows.map(|row| {
+            let (id, json) = row.map_err(|e| e.to_string())?;
+            let job: Job = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+            Ok(Job { id, ..job })
+        })
+        .collect()
     }
 }
 

@@ -60,6 +60,8 @@ pub struct FileConfig {
     cpu_mhz_per_core: Option<f64>,
     /// On SIGTERM, how long requests and executions in flight may take before they are cut.
     shutdown_grace_seconds: Option<u64>,
+    /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
+    job_request_poll_seconds: Option<u64>,
     /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
     /// give each trident instance on a host its own range.
     runner_id_base: Option<u32>,
@@ -136,6 +138,7 @@ pub struct Settings {
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
     pub runner_id_base: u32,
+    pub job_request_poll: Duration,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -185,6 +188,7 @@ impl Settings {
             cpu_mhz_per_core: file.cpu_mhz_per_core,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
             runner_id_base,
+            job_request_poll: Duration::from_secs(file.job_request_poll_seconds.unwrap_or(50)),
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,

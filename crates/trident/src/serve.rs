@@ -59,12 +59,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
     )
-    .merge(trident_gitlab::router(
-        store,
-        trident_gitlab::GitlabConfig {
-            registration_token: settings.registration_token.clone(),
-        },
-    ));
+    .merge(
+        trident_gitlab::router(
+            store,
+            trident_gitlab::GitlabConfig {
+                registration_token: settings.registration_token.clone(),
+                api_token: settings.token.clone(),
+                request_poll: settings.job_request_poll,
+                data_dir: data_dir.clone(),
+            },
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     let listener = listener(&settings).await?;
     let address = listener.local_addr()?;
     tracing::info!(

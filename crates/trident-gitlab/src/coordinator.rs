@@ -1,0 +1,246 @@
+//! The job queue agents take work from: every job in memory (and in the store), a version
+//! number that long-polling `/jobs/request` calls wait on, traces in files.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::jobs::{now, Job, JobSpec, JobStatus};
+use crate::store::{CiStore, RegisteredAgent, StoreResult};
+use crate::tokens;
+
+/// GitLab's prefix for job tokens.
+const JOB_TOKEN_PREFIX: &str = "glcbt-";
+
+pub struct Coordinator {
+    store: Arc<dyn CiStore>,
+    jobs: Mutex<BTreeMap<i64, Job>>,
+    /// Bumped whenever a job becomes available; long polls wake on it.
+    queue: watch::Sender<u64>,
+    traces: PathBuf,
+}
+
+/// Why an agent's request about a job is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobRefusal {
+    /// Wrong token or no such job.
+    Forbidden,
+    /// The job is not running any more (the agent must stop; it learns why from the status).
+    NotRunning(JobStatus),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum TraceError {
+    Refused(JobRefusal),
+    /// The patch does not start at the end of the trace; the trace has this many bytes.
+    Range(u64),
+    Io(String),
+}
+
+impl Coordinator {
+    pub fn new(store: Arc<dyn CiStore>, traces: PathBuf) -> StoreResult<Coordinator> {
+        std::fs::create_dir_all(&traces).map_err(|e| e.to_string())?;
+        let jobs = store
+            .load_jobs()?
+            .into_iter()
+            .map(|job| (job.id, job))
+            .collect();
+        Ok(Coordinator {
+            store,
+            jobs: Mutex::new(jobs),
+            queue: watch::channel(1).0,
+            traces,
+        })
+    }
+
+    pub fn queue_version(&self) -> u64 {
+        *self.queue.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.queue.subscribe()
+    }
+
+    pub fn submit(&self, spec: JobSpec) -> StoreResult<Job> {
+        let mut job = Job {
+            id: 0,
+            spec,
+            status: JobStatus::Pending,
+            exit_code: None,
+            failure_reason: None,
+            agent_id: None,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            trace_size: 0,
+            token_hash: None,
+        };
+        let mut jobs = self.jobs.lock().unwrap();
+        job.id = self.store.insert_job(&job)?;
+        jobs.insert(job.id, job.clone());
+        drop(jobs);
+        self.queue.send_modify(|v| *v += 1);
+        Ok(job)
+    }
+
+    pub fn get(&self, id: i64) -> Option<Job> {
+        self.jobs.lock().unwrap().get(&id).cloned()
+    }
+
+    pub fn list(&self, status: Option<JobStatus>) -> Vec<Job> {
+        self.jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| status.is_none_or(|s| j.status == s))
+            .cloned()
+            .collect()
+    }
+
+    fn save(&self, jobs: &mut BTreeMap<i64, Job>, job: Job) -> StoreResult<Job> {
+        self.store.update_job(&job)?;
+        jobs.insert(job.id, job.clone());
+        Ok(job)
+    }
+
+    /// Cancels a pending or running job (a running job's agent learns it at its next update).
+    pub fn cancel(&self, id: i64) -> StoreResult<Option<Job>> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let Some(mut job) = jobs.get(&id).cloned() else {
+            return Ok(None);
+        };
+        if !job.status.is_finished() {
+            job.status = JobStatus::Canceled;
+            job.finished_at = Some(now());
+            job.token_hash = None;
+            job = self.save(&mut jobs, job)?;
+        }
+        Ok(Some(job))
+    }
+
+    /// Hands the oldest matching pending job to `agent`, with a fresh job token.
+    pub fn assign(&self, agent: &RegisteredAgent) -> StoreResult<Option<(Job, String)>> {
+        if agent.paused {
+            return Ok(None);
+        }
+        let mut jobs = self.jobs.lock().unwrap();
+        let Some(mut job) = jobs
+            .values()
+            .find(|j| j.status == JobStatus::Pending && matches(agent, j))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let token = tokens::new_token(JOB_TOKEN_PREFIX);
+        job.status = JobStatus::Running;
+        job.agent_id = Some(agent.id);
+        job.started_at = Some(now());
+        job.token_hash = Some(tokens::hash(&token));
+        if let Some(max) = agent.maximum_timeout {
+            job.spec.timeout = job.spec.timeout.min(max.max(0) as u64);
+        }
+        let job = self.save(&mut jobs, job)?;
+        Ok(Some((job, token)))
+    }
+
+    /// The running job this job token belongs to.
+    fn authenticate(
+        &self,
+        jobs: &BTreeMap<i64, Job>,
+        id: i64,
+        token: &str,
+    ) -> Result<Job, JobRefusal> {
+        let job = jobs.get(&id).ok_or(JobRefusal::Forbidden)?;
+        match &job.token_hash {
+            Some(hash) if tokens::same(hash, &tokens::hash(token)) => Ok(job.clone()),
+            // The token of a finished job is gone: tell the agent the job's state.
+            None if job.status.is_finished() && job.agent_id.is_some() => {
+                Err(JobRefusal::NotRunning(job.status))
+            }
+            _ => Err(JobRefusal::Forbidden),
+        }
+    }
+
+    /// An agent reports the job's state.
+    pub fn update(
+        &self,
+        id: i64,
+        token: &str,
+        state: Option<&str>,
+        exit_code: Option<i64>,
+        failure_reason: Option<String>,
+    ) -> Result<Job, JobRefusal> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let mut job = self.authenticate(&jobs, id, token)?;
+        match state {
+            Some("success") => job.status = JobStatus::Success,
+            Some("failed") => job.status = JobStatus::Failed,
+            _ => {}
+        }
+        if job.status.is_finished() {
+            job.finished_at = Some(now());
+            job.exit_code = exit_code.map(|c| c as i32);
+            job.failure_reason = failure_reason;
+            job.token_hash = None;
+        }
+        self.save(&mut jobs, job).map_err(|_| JobRefusal::Forbidden)
+    }
+
+    /// Appends a piece of trace that must start where the trace ends.
+    pub fn append_trace(
+        &self,
+        id: i64,
+        token: &str,
+        start: u64,
+        bytes: &[u8],
+    ) -> Result<u64, TraceError> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let mut job = self
+            .authenticate(&jobs, id, token)
+            .map_err(TraceError::Refused)?;
+        if start != job.trace_size {
+            return Err(TraceError::Range(job.trace_size));
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.trace_path(id))
+            .map_err(|e| TraceError::Io(e.to_string()))?;
+        file.write_all(bytes)
+            .map_err(|e| TraceError::Io(e.to_string()))?;
+        job.trace_size += bytes.len() as u64;
+        let size = job.trace_size;
+        self.save(&mut jobs, job).map_err(TraceError::Io)?;
+        Ok(size)
+    }
+
+    /// The trace from `offset` on.
+    pub fn read_trace(&self, id: i64, offset: u64) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match std::fs::File::open(self.trace_path(id)) {
+            Ok(mut file) => {
+                file.seek(SeekFrom::Start(offset))?;
+                file.read_to_end(&mut out)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(out)
+    }
+
+    fn trace_path(&self, id: i64) -> PathBuf {
+        self.traces.join(format!("{id}.log"))
+    }
+}
+
+/// GitLab's matching rule: every tag of the job must be one of the agent's; untagged jobs
+/// go only to agents that run untagged jobs.
+fn matches(agent: &RegisteredAgent, job: &Job) -> bool {
+    if job.spec.tags.is_empty() {
+        return agent.run_untagged;
+    }
+    job.spec.tags.iter().all(|t| agent.tag_list.contains(t))
+}

@@ -1,0 +1,322 @@
+//! Jobs through trident's jobs API and the GitLab Runner API v4, with a raw-HTTP agent.
+
+mod common;
+
+use common::{Options, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn v4(server: &Server, path: &str) -> String {
+    format!("http://{}/api/v4{path}", server.address)
+}
+
+async fn register(server: &Server, extra: Value) -> String {
+    let mut body = json!({"token": "reg"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let r = server
+        .http
+        .post(v4(server, "/runners"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+async fn request_job(server: &Server, agent: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = server
+        .http
+        .post(v4(server, "/jobs/request"))
+        .json(&json!({"token": agent, "info": {"features": {"trace_sections": true}}}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn submit(server: &Server, job: Value) -> Value {
+    let r = server.send(Method::POST, "/jobs", job).await;
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+async fn patch_trace(
+    server: &Server,
+    id: i64,
+    token: &str,
+    range: Option<&str>,
+    body: &str,
+) -> reqwest::Response {
+    let mut request = server
+        .http
+        .patch(v4(server, &format!("/jobs/{id}/trace")))
+        .header("JOB-TOKEN", token)
+        .body(body.to_string());
+    if let Some(range) = range {
+        request = request.header("Content-Range", range);
+    }
+    request.send().await.unwrap()
+}
+
+async fn put_state(server: &Server, id: i64, body: Value) -> reqwest::Response {
+    server
+        .http
+        .put(v4(server, &format!("/jobs/{id}")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_take_jobs_stream_traces_and_report() {
+    let mut server = Server::start_with(Options {
+        config_yaml: Some("registration_token: reg\njob_request_poll_seconds: 1\n".into()),
+        ..Options::default()
+    });
+    let linux = register(
+        &server,
+        json!({"tag_list": "linux,docker", "run_untagged": true}),
+    )
+    .await;
+    let gpu = register(&server, json!({"tag_list": ["gpu"], "run_untagged": false})).await;
+    let paused = register(&server, json!({"paused": true})).await;
+
+    // Bad jobs are refused.
+    for bad in [
+        json!({"name": "x", "script": []}),
+        json!({"script": ["true"]}),
+        json!({"name": "x", "script": ["true"], "dependencies": [999]}),
+    ] {
+        let r = server.send(Method::POST, "/jobs", bad.clone()).await;
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+
+    // Nothing queued: 204 with the queue's version.
+    let (status, headers, _) = request_job(&server, &linux).await;
+    assert_eq!(status, 204);
+    assert!(headers.contains_key("x-gitlab-last-update"));
+    let (status, _, _) = request_job(&server, "glrt-unknown").await;
+    assert_eq!(status, 403);
+
+    // A long poll answers as soon as a job is queued.
+    let waiting = {
+        let http = server.http.clone();
+        let url = v4(&server, "/jobs/request");
+        let token = linux.clone();
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"token": token}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    let job = submit(
+        &server,
+        json!({"name": "build", "script": ["echo hi"], "afterScript": ["echo bye"],
+               "variables": {"GREETING": "hello"}, "timeout": 120}),
+    )
+    .await;
+    assert_eq!(job["status"], "pending");
+    let id = job["id"].as_i64().unwrap();
+    let (status, payload) = waiting.await.unwrap();
+    let payload = if status == 201 {
+        payload
+    } else {
+        // The poll ended just before the job arrived: ask again.
+        let (status, _, payload) = request_job(&server, &linux).await;
+        assert_eq!(status, 201);
+        payload
+    };
+    assert_eq!(payload["id"], id);
+    let token = payload["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("glcbt-"));
+    assert_eq!(payload["steps"][0]["name"], "script");
+    assert_eq!(payload["steps"][0]["script"], json!(["echo hi"]));
+    assert_eq!(payload["steps"][1]["name"], "after_script");
+    assert_eq!(payload["runner_info"]["timeout"], 120);
+    let variables = payload["variables"].as_array().unwrap();
+    for (key, value) in [
+        ("CI_JOB_ID", id.to_string()),
+        ("GREETING", "hello".into()),
+        ("CI_JOB_TOKEN", token.clone()),
+    ] {
+        assert!(
+            variables
+                .iter()
+                .any(|v| v["key"] == key && v["value"] == value),
+            "{key}"
+        );
+    }
+    let running: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(running["status"], "running");
+    assert!(
+        running.get("tokenHash").is_none(),
+        "token material leaked: {running}"
+    );
+
+    // Traces: appended at the end only; 416 tells where the end is.
+    let r = patch_trace(&server, id, &token, Some("0-4"), "hello").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["range"], "0-5");
+    assert_eq!(r.headers()["job-status"], "running");
+    assert!(r.headers().contains_key("x-gitlab-trace-update-interval"));
+    let r = patch_trace(&server, id, &token, Some("3-5"), "xyz").await;
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["range"], "0-5");
+    assert_eq!(
+        patch_trace(&server, id, &token, None, "x").await.status(),
+        400
+    );
+    assert_eq!(
+        patch_trace(&server, id, "glcbt-wrong", Some("5-5"), "x")
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        patch_trace(&server, id, &token, Some("5-10"), " world")
+            .await
+            .status(),
+        202
+    );
+    let trace = server.get(&format!("/jobs/{id}/trace")).await;
+    assert_eq!(trace.headers()["x-trace-size"], "11");
+    assert_eq!(trace.text().await.unwrap(), "hello world");
+    let tail = server
+        .get(&format!("/jobs/{id}/trace?offset=6"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(tail, "world");
+
+    // The end: success, and the job token dies with the job.
+    let r = put_state(
+        &server,
+        id,
+        json!({"token": token, "state": "success", "exit_code": 0}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let done: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["status"], "success");
+    assert_eq!(done["exitCode"], 0);
+    let r = patch_trace(&server, id, &token, Some("11-11"), "x").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["job-status"], "success");
+
+    // Tags: a gpu job goes to the gpu agent only; untagged jobs never to it; paused agents get nothing.
+    let gpu_job = submit(
+        &server,
+        json!({"name": "train", "script": ["true"], "tags": ["gpu"]}),
+    )
+    .await;
+    assert_eq!(request_job(&server, &linux).await.0, 204);
+    assert_eq!(request_job(&server, &paused).await.0, 204);
+    let (status, _, payload) = request_job(&server, &gpu).await;
+    assert_eq!(status, 201);
+    assert_eq!(payload["id"], gpu_job["id"]);
+    let untagged = submit(&server, json!({"name": "lint", "script": ["true"]})).await;
+    assert_eq!(request_job(&server, &gpu).await.0, 204);
+
+    // Cancellation reaches the agent through 403 + Job-Status: canceled.
+    let (status, _, payload) = request_job(&server, &linux).await;
+    assert_eq!(status, 201);
+    assert_eq!(payload["id"], untagged["id"]);
+    let cancel_id = payload["id"].as_i64().unwrap();
+    let cancel_token = payload["token"].as_str().unwrap().to_string();
+    let r = server
+        .send(
+            Method::POST,
+            &format!("/jobs/{cancel_id}/cancel"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = patch_trace(&server, cancel_id, &cancel_token, Some("0-0"), "x").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["job-status"], "canceled");
+    let r = put_state(
+        &server,
+        cancel_id,
+        json!({"token": cancel_token, "state": "success"}),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["job-status"], "canceled");
+
+    // Filters, 404s, and durability across a restart.
+    let list: Value = server
+        .get("/jobs?status=success")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(server.get("/jobs?status=bogus").await.status(), 400);
+    assert_eq!(server.get("/jobs/4242").await.status(), 404);
+    server.restart();
+    let again: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, done);
+    assert_eq!(
+        server
+            .get(&format!("/jobs/{id}/trace"))
+            .await
+            .text()
+            .await
+            .unwrap(),
+        "hello world"
+    );
+    let database = std::fs::read(server.data_dir.join("trident.db")).unwrap();
+    let wal = std::fs::read(server.data_dir.join("trident.db-wal")).unwrap_or_default();
+    for bytes in [&database, &wal] {
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "a job token in plain text"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_api_shares_the_poseidon_token() {
+    let server = Server::start_with(Options {
+        token: Some("t0ken".into()),
+        config_yaml: Some("job_request_poll_seconds: 0\n".into()),
+        ..Options::default()
+    });
+    let bare = server
+        .http
+        .get(format!("http://{}/api/v1/jobs", server.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), 401);
+    let r = server.get("/jobs").await;
+    assert_eq!(r.status(), 200);
+}
