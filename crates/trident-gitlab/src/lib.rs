@@ -8,6 +8,7 @@
 //! API v4 coordinator, jobs API and built-in agent".
 
 mod agent_jobs;
+pub mod builtin_agent;
 mod client_jobs;
 pub mod coordinator;
 pub mod jobs;
@@ -16,7 +17,6 @@ mod runners;
 pub mod store;
 pub mod tokens;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +34,6 @@ pub struct GitlabConfig {
     pub api_token: Option<String>,
     /// How long `/jobs/request` waits for a job before answering 204 (0 = at once).
     pub request_poll: Duration,
-    /// Where traces are kept.
-    pub data_dir: PathBuf,
 }
 
 #[derive(Clone)]
@@ -46,11 +44,11 @@ pub(crate) struct GitlabState {
 }
 
 /// The `/api/v4` routes and `/api/v1/jobs`.
-pub fn router(store: Arc<dyn CiStore>, config: GitlabConfig) -> Result<Router, String> {
-    let coordinator = Arc::new(Coordinator::new(
-        store.clone(),
-        config.data_dir.join("traces"),
-    )?);
+pub fn router(
+    store: Arc<dyn CiStore>,
+    coordinator: Arc<Coordinator>,
+    config: GitlabConfig,
+) -> Router {
     let state = GitlabState {
         store,
         coordinator,
@@ -83,5 +81,5 @@ pub fn router(store: Arc<dyn CiStore>, config: GitlabConfig) -> Result<Router, S
             post(runners::reset_token),
         )
         .with_state(state);
-    Ok(Router::new().nest("/api/v4", api).merge(jobs_api))
+    Router::new().nest("/api/v4", api).merge(jobs_api)
 }

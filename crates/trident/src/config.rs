@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// it, registration is refused
     #[arg(long, env = "TRIDENT_REGISTRATION_TOKEN", hide_env_values = true)]
     registration_token: Option<String>,
+    /// Do not run jobs on this machine (only external agents take them)
+    #[arg(long, env = "TRIDENT_NO_BUILTIN_AGENT")]
+    no_builtin_agent: bool,
+    /// Tags of the built-in agent (comma-separated); it also runs untagged jobs
+    #[arg(long, env = "TRIDENT_BUILTIN_AGENT_TAGS", value_delimiter = ',')]
+    builtin_agent_tags: Option<Vec<String>>,
     /// Destroy all runners when stopping (by default they keep running and the next start
     /// takes them over, so clients keep their runners across a restart)
     #[arg(long, env = "TRIDENT_DESTROY_RUNNERS_ON_EXIT")]
@@ -60,6 +66,11 @@ pub struct FileConfig {
     cpu_mhz_per_core: Option<f64>,
     /// On SIGTERM, how long requests and executions in flight may take before they are cut.
     shutdown_grace_seconds: Option<u64>,
+    /// Run jobs on this machine with the built-in agent (default true).
+    builtin_agent: Option<bool>,
+    builtin_agent_tags: Option<Vec<String>>,
+    /// Jobs the built-in agent runs at once (default 2).
+    builtin_agent_concurrency: Option<usize>,
     /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
     job_request_poll_seconds: Option<u64>,
     /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
@@ -139,6 +150,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub runner_id_base: u32,
     pub job_request_poll: Duration,
+    pub builtin_agent: bool,
+    pub builtin_agent_tags: Vec<String>,
+    pub builtin_agent_concurrency: usize,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -189,6 +203,12 @@ impl Settings {
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
             runner_id_base,
             job_request_poll: Duration::from_secs(file.job_request_poll_seconds.unwrap_or(50)),
+            builtin_agent: !args.no_builtin_agent && file.builtin_agent.unwrap_or(true),
+            builtin_agent_tags: args
+                .builtin_agent_tags
+                .or(file.builtin_agent_tags)
+                .unwrap_or_default(),
+            builtin_agent_concurrency: file.builtin_agent_concurrency.unwrap_or(2).max(1),
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,

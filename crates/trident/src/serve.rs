@@ -51,6 +51,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let restored = manager.restore().await?;
 
+    let coordinator = Arc::new(
+        trident_gitlab::Coordinator::new(store.clone(), data_dir.join("traces"))
+            .map_err(anyhow::Error::msg)?,
+    );
     let app = trident_api::router(
         manager.clone(),
         ApiConfig {
@@ -59,18 +63,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
     )
-    .merge(
-        trident_gitlab::router(
-            store,
-            trident_gitlab::GitlabConfig {
-                registration_token: settings.registration_token.clone(),
-                api_token: settings.token.clone(),
-                request_poll: settings.job_request_poll,
-                data_dir: data_dir.clone(),
-            },
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
+    .merge(trident_gitlab::router(
+        store.clone(),
+        coordinator.clone(),
+        trident_gitlab::GitlabConfig {
+            registration_token: settings.registration_token.clone(),
+            api_token: settings.token.clone(),
+            request_poll: settings.job_request_poll,
+        },
+    ));
+    if settings.builtin_agent {
+        Arc::new(trident_gitlab::builtin_agent::BuiltinAgent {
+            manager: manager.clone(),
+            coordinator,
+            tags: settings.builtin_agent_tags.clone(),
+        })
+        .start(settings.builtin_agent_concurrency);
+    }
     let listener = listener(&settings).await?;
     let address = listener.local_addr()?;
     tracing::info!(

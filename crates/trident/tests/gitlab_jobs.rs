@@ -77,7 +77,9 @@ async fn put_state(server: &Server, id: i64, body: Value) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_take_jobs_stream_traces_and_report() {
     let mut server = Server::start_with(Options {
-        config_yaml: Some("registration_token: reg\njob_request_poll_seconds: 1\n".into()),
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 1\nbuiltin_agent: false\n".into(),
+        ),
         ..Options::default()
     });
     let linux = register(
@@ -307,7 +309,7 @@ async fn agents_take_jobs_stream_traces_and_report() {
 async fn the_jobs_api_shares_the_poseidon_token() {
     let server = Server::start_with(Options {
         token: Some("t0ken".into()),
-        config_yaml: Some("job_request_poll_seconds: 0\n".into()),
+        config_yaml: Some("job_request_poll_seconds: 0\nbuiltin_agent: false\n".into()),
         ..Options::default()
     });
     let bare = server

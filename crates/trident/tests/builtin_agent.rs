@@ -1,0 +1,158 @@
+//! The built-in agent runs jobs on the local sandbox: scripts, variables, files,
+//! after_script, failures, time limits and cancellation, reported like any agent's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{b64, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+async fn submit(server: &Server, job: Value) -> i64 {
+    let r = server.send(Method::POST, "/jobs", job).await;
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+}
+
+async fn wait_finished(server: &Server, id: i64) -> (Value, String) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let job: Value = server
+            .get(&format!("/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if matches!(
+            job["status"].as_str(),
+            Some("success" | "failed" | "canceled")
+        ) {
+            let trace = server
+                .get(&format!("/jobs/{id}/trace"))
+                .await
+                .text()
+                .await
+                .unwrap();
+            return (job, trace);
+        }
+        assert!(Instant::now() < deadline, "job {id} never finished: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+
+    let ok = submit(
+        &server,
+        json!({"name": "greet", "executionEnvironmentId": 1,
+               "script": ["echo hello $GREETING", "cat input.txt", "id -un"],
+               "afterScript": ["echo cleanup"], "variables": {"GREETING": "world"},
+               "files": [{"path": "input.txt", "content": b64("from a file")}]}),
+    )
+    .await;
+    let failing = submit(
+        &server,
+        json!({"name": "fail", "image": "host", "script": ["echo before", "false", "echo never"]}),
+    )
+    .await;
+    let slow = submit(
+        &server,
+        json!({"name": "slow", "executionEnvironmentId": 1, "script": ["sleep 30"], "timeout": 1}),
+    )
+    .await;
+    let unknown = submit(
+        &server,
+        json!({"name": "odd", "image": "no-such-image", "script": ["true"]}),
+    )
+    .await;
+
+    let (job, trace) = wait_finished(&server, ok).await;
+    assert_eq!(job["status"], "success", "{job} {trace}");
+    assert_eq!(job["exitCode"], 0);
+    assert_eq!(job["agentId"], 0, "the built-in agent");
+    for expected in ["hello world", "from a file", "user", "cleanup"] {
+        assert!(
+            trace.contains(expected),
+            "{expected} missing from {trace:?}"
+        );
+    }
+    assert_eq!(job["traceSize"].as_u64().unwrap() as usize, trace.len());
+
+    let (job, trace) = wait_finished(&server, failing).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["exitCode"], 1);
+    assert_eq!(job["failureReason"], "script_failure");
+    assert!(
+        // The command echo shows "$ echo never"; its output never comes.
+        trace.contains("before\r\n") && !trace.contains("never\r\n"),
+        "{trace:?}"
+    );
+
+    let (job, _) = wait_finished(&server, slow).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failureReason"], "job_execution_timeout");
+
+    let (job, trace) = wait_finished(&server, unknown).await;
+    assert_eq!(job["failureReason"], "runner_system_failure");
+    assert!(trace.contains("no-such-image"), "{trace:?}");
+
+    // Cancellation kills the job's processes.
+    let cancel = submit(
+        &server,
+        json!({"name": "long", "executionEnvironmentId": 1, "script": ["echo started", "sleep 1013"]}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let trace = server
+            .get(&format!("/jobs/{cancel}/trace"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        if trace.contains("started") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = server
+        .send(Method::POST, &format!("/jobs/{cancel}/cancel"), Value::Null)
+        .await;
+    assert_eq!(r.status(), 200);
+    let (job, _) = wait_finished(&server, cancel).await;
+    assert_eq!(job["status"], "canceled");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::host_processes("sleep\u{0}1013") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a cancelled job's process lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Jobs for tags the built-in agent lacks wait for an agent that has them.
+    let tagged = submit(
+        &server,
+        json!({"name": "gpu", "image": "host", "script": ["true"], "tags": ["gpu"]}),
+    )
+    .await;
+    let after = submit(
+        &server,
+        json!({"name": "after", "image": "host", "script": ["true"]}),
+    )
+    .await;
+    let (job, _) = wait_finished(&server, after).await;
+    assert_eq!(job["status"], "success");
+    let waiting: Value = server
+        .get(&format!("/jobs/{tagged}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(waiting["status"], "pending");
+}
