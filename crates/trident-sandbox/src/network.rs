@@ -241,10 +241,8 @@ pub fn setup_host(config: &NetworkConfig) -> io::Result<()> {
     );
     if !config.dns.is_empty() {
         let dns: Vec<String> = config.dns.iter().map(Ipv4Addr::to_string).collect();
-        script += &format!(
-            "flush set inet {TABLE} dns\nadd element inet {TABLE} dns {{ {} }}\n",
-            dns.join(", ")
-        );
+        // Added, never flushed: other instances on this host may use other resolvers.
+        script += &format!("add element inet {TABLE} dns {{ {} }}\n", dns.join(", "));
     }
     nft(&script)?;
     remove_stale_bridges(config)?;
