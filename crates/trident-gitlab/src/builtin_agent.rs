@@ -17,6 +17,9 @@ use crate::store::RegisteredAgent;
 /// The built-in agent's id in job records (registered agents start at 1).
 pub const BUILTIN_AGENT_ID: i64 = 0;
 
+/// How often a running job says it is alive (well inside any sane `job_stale_seconds`).
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
 /// How long after_script may run.
 const AFTER_SCRIPT_TIMEOUT: u64 = 300;
 
@@ -27,8 +30,15 @@ pub struct BuiltinAgent {
 }
 
 impl BuiltinAgent {
-    /// Starts `concurrency` workers.
+    /// Starts `concurrency` workers. Jobs it was running when the server last stopped died
+    /// with it: they fail first.
     pub fn start(self: Arc<Self>, concurrency: usize) {
+        let lost = self
+            .coordinator
+            .fail_lost_jobs(Duration::ZERO, Some(BUILTIN_AGENT_ID));
+        if lost > 0 {
+            tracing::warn!(lost, "jobs of the built-in agent died with the last server");
+        }
         for _ in 0..concurrency.max(1) {
             tokio::spawn(self.clone().work());
         }
@@ -117,7 +127,10 @@ impl BuiltinAgent {
                 }
             },
         };
-        let runner = match self.manager.claim_runner(env_id, Duration::ZERO).await {
+        // The inactivity timeout only matters if the server dies mid-job: the runner it
+        // adopts afterwards then goes away on its own.
+        let idle = Duration::from_secs(spec.timeout + AFTER_SCRIPT_TIMEOUT + 60);
+        let runner = match self.manager.claim_runner(env_id, idle).await {
             Ok(runner) => runner,
             Err(e) => return Outcome::SystemFailure(format!("no runner: {e}")),
         };
@@ -217,6 +230,7 @@ impl BuiltinAgent {
             Err(e) => return Outcome::SystemFailure(e),
         };
         let mut check = tokio::time::interval(Duration::from_millis(500));
+        let mut last_heartbeat = std::time::Instant::now();
         loop {
             tokio::select! {
                 message = running.messages.recv() => match message {
@@ -232,6 +246,11 @@ impl BuiltinAgent {
                     // Cancelled from the jobs API: dropping the execution kills it.
                     if self.coordinator.get(job.id).is_none_or(|j| j.status.is_finished()) {
                         return Outcome::Canceled;
+                    }
+                    // A silent job still has its agent.
+                    if last_heartbeat.elapsed() >= HEARTBEAT {
+                        last_heartbeat = std::time::Instant::now();
+                        let _ = self.coordinator.update(job.id, token, None, None, None);
                     }
                 }
             }

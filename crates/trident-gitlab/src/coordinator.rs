@@ -76,6 +76,7 @@ impl Coordinator {
             started_at: None,
             finished_at: None,
             trace_size: 0,
+            last_seen: None,
             token_hash: None,
         };
         let mut jobs = self.jobs.lock().unwrap();
@@ -138,6 +139,7 @@ impl Coordinator {
         job.status = JobStatus::Running;
         job.agent_id = Some(agent.id);
         job.started_at = Some(now());
+        job.last_seen = job.started_at;
         job.token_hash = Some(tokens::hash(&token));
         if let Some(max) = agent.maximum_timeout {
             job.spec.timeout = job.spec.timeout.min(max.max(0) as u64);
@@ -175,6 +177,7 @@ impl Coordinator {
     ) -> Result<Job, JobRefusal> {
         let mut jobs = self.jobs.lock().unwrap();
         let mut job = self.authenticate(&jobs, id, token)?;
+        job.last_seen = Some(now());
         match state {
             Some("success") => job.status = JobStatus::Success,
             Some("failed") => job.status = JobStatus::Failed,
@@ -212,9 +215,39 @@ impl Coordinator {
         file.write_all(bytes)
             .map_err(|e| TraceError::Io(e.to_string()))?;
         job.trace_size += bytes.len() as u64;
+        job.last_seen = Some(now());
         let size = job.trace_size;
         self.save(&mut jobs, job).map_err(TraceError::Io)?;
         Ok(size)
+    }
+
+    /// Fails running jobs whose agent has been silent for `stale_after` (or, with
+    /// `agent` set, every running job of that agent: the built-in agent after a restart).
+    /// Returns how many were failed.
+    pub fn fail_lost_jobs(&self, stale_after: std::time::Duration, agent: Option<i64>) -> usize {
+        let mut jobs = self.jobs.lock().unwrap();
+        let limit = now().saturating_sub(stale_after.as_secs());
+        let lost: Vec<Job> = jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+            .filter(|j| match agent {
+                Some(agent) => j.agent_id == Some(agent),
+                None => j.last_seen.unwrap_or(0) < limit,
+            })
+            .cloned()
+            .collect();
+        let mut failed = 0;
+        for mut job in lost {
+            job.status = JobStatus::Failed;
+            job.failure_reason = Some("runner_system_failure".into());
+            job.finished_at = Some(now());
+            job.token_hash = None;
+            tracing::warn!(job = job.id, agent = ?job.agent_id, "job lost its agent");
+            if self.save(&mut jobs, job).is_ok() {
+                failed += 1;
+            }
+        }
+        failed
     }
 
     /// The trace from `offset` on.

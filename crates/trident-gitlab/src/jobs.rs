@@ -106,6 +106,10 @@ pub struct Job {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub trace_size: u64,
+    /// When its agent last reported (unix seconds): a running job silent for too long has
+    /// lost its agent.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
     /// The job token's hash while the job runs (the token dies with the job).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub token_hash: Option<String>,

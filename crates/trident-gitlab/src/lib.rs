@@ -36,6 +36,22 @@ pub struct GitlabConfig {
     pub request_poll: Duration,
 }
 
+/// Fails running jobs whose agent stopped reporting for `stale_after`, checking every so
+/// often, for as long as the coordinator lives.
+pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>, stale_after: Duration) {
+    let coordinator = Arc::downgrade(coordinator);
+    let every = (stale_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(coordinator) = coordinator.upgrade() else {
+                return;
+            };
+            coordinator.fail_lost_jobs(stale_after, None);
+        }
+    });
+}
+
 #[derive(Clone)]
 pub(crate) struct GitlabState {
     pub store: Arc<dyn CiStore>,

@@ -71,6 +71,8 @@ pub struct FileConfig {
     builtin_agent_tags: Option<Vec<String>>,
     /// Jobs the built-in agent runs at once (default 2).
     builtin_agent_concurrency: Option<usize>,
+    /// A running job whose agent sent nothing for this long fails with runner_system_failure.
+    job_stale_seconds: Option<u64>,
     /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
     job_request_poll_seconds: Option<u64>,
     /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
@@ -153,6 +155,7 @@ pub struct Settings {
     pub builtin_agent: bool,
     pub builtin_agent_tags: Vec<String>,
     pub builtin_agent_concurrency: usize,
+    pub job_stale_after: Duration,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -209,6 +212,7 @@ impl Settings {
                 .or(file.builtin_agent_tags)
                 .unwrap_or_default(),
             builtin_agent_concurrency: file.builtin_agent_concurrency.unwrap_or(2).max(1),
+            job_stale_after: Duration::from_secs(file.job_stale_seconds.unwrap_or(1800).max(1)),
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,

@@ -72,6 +72,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             request_poll: settings.job_request_poll,
         },
     ));
+    trident_gitlab::watch_for_lost_agents(&coordinator, settings.job_stale_after);
     if settings.builtin_agent {
         Arc::new(trident_gitlab::builtin_agent::BuiltinAgent {
             manager: manager.clone(),

@@ -156,3 +156,38 @@ async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {
         .unwrap();
     assert_eq!(waiting["status"], "pending");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_crashed_server_fail_instead_of_running_for_ever() {
+    let mut server = Server::start();
+    server.put_environment(2, 1, 256).await;
+    let id = submit(
+        &server,
+        json!({"name": "long", "executionEnvironmentId": 2, "script": ["echo started", "sleep 1014"]}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !server
+        .get(&format!("/jobs/{id}/trace"))
+        .await
+        .text()
+        .await
+        .unwrap()
+        .contains("started")
+    {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.crash_and_restart();
+    let (job, _) = wait_finished(&server, id).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failureReason"], "runner_system_failure");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::host_processes("sleep\u{0}1014") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job's process outlived its server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -322,3 +322,40 @@ async fn the_jobs_api_shares_the_poseidon_token() {
     let r = server.get("/jobs").await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_whose_agent_goes_silent_fail() {
+    let server = Server::start_with(Options {
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 0\nbuiltin_agent: false\njob_stale_seconds: 1\n"
+                .into(),
+        ),
+        ..Options::default()
+    });
+    let agent = register(&server, json!({})).await;
+    let job = submit(&server, json!({"name": "orphan", "script": ["true"]})).await;
+    let (status, _, payload) = request_job(&server, &agent).await;
+    assert_eq!(status, 201);
+    assert_eq!(payload["id"], job["id"]);
+    let id = job["id"].as_i64().unwrap();
+    // The agent never reports again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let job: Value = server
+            .get(&format!("/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "failed" {
+            assert_eq!(job["failureReason"], "runner_system_failure");
+            break;
+        }
+        assert_eq!(job["status"], "running");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job kept running without its agent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
