@@ -213,3 +213,214 @@ pub async fn trace(
         Err(TraceError::Io(e)) => Refusal::Internal(e).into_response(),
     }
 }
+
+fn job_token(headers: &HeaderMap, query: &std::collections::HashMap<String, String>) -> String {
+    headers
+        .get("job-token")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+        .or_else(|| query.get("token").cloned())
+        .unwrap_or_default()
+}
+
+fn too_large(max: u64) -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({"message": format!("413 Request Entity Too Large: artifacts are limited to {max} bytes")})),
+    )
+        .into_response()
+}
+
+/// `POST /jobs/:id/artifacts/authorize`: may this upload of `filesize` bytes proceed?
+pub async fn authorize_artifacts(
+    State(state): State<GitlabState>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    params: Params,
+) -> Response {
+    let token = match params.string("token") {
+        Ok(Some(token)) => token,
+        Ok(None) => job_token(&headers, &Default::default()),
+        Err(e) => return e.into_response(),
+    };
+    if let Err(refusal) = state.coordinator.authorize_artifact(id, &token) {
+        return refused(refusal);
+    }
+    match params.integer("filesize") {
+        Ok(Some(size)) if size as u64 > state.config.max_artifact_bytes => {
+            too_large(state.config.max_artifact_bytes)
+        }
+        Ok(_) => (StatusCode::OK, Json(json!({"TempPath": ""}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /jobs/:id/artifacts`: a multipart upload (`file`, `artifact_type`,
+/// `artifact_format`, `expire_in`). Stored as it came, never unpacked.
+pub async fn upload_artifacts(
+    State(state): State<GitlabState>,
+    Path(id): Path<i64>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    mut multipart: axum::extract::Multipart,
+) -> Response {
+    let mut token = job_token(&headers, &query);
+    if let Err(refusal) = state.coordinator.authorize_artifact(id, &token) {
+        if !token.is_empty() {
+            return refused(refusal);
+        }
+    }
+    let max = state.config.max_artifact_bytes;
+    let upload = state.coordinator.artifact_upload_path(id);
+    if let Some(dir) = upload.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return Refusal::Internal(e.to_string()).into_response();
+        }
+    }
+    let mut fields: std::collections::HashMap<String, String> = query.clone();
+    let mut size = None;
+    let mut filename = "artifacts.zip".to_string();
+    let result: Result<(), Response> = async {
+        while let Some(mut field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
+        {
+            let name = field.name().unwrap_or_default().to_string();
+            if name == "file" {
+                if let Some(name) = field.file_name() {
+                    filename = name.to_string();
+                }
+                let mut file = std::fs::File::create(&upload)
+                    .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
+                let mut written = 0u64;
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
+                {
+                    written += chunk.len() as u64;
+                    if written > max {
+                        return Err(too_large(max));
+                    }
+                    std::io::Write::write_all(&mut file, &chunk)
+                        .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
+                }
+                size = Some(written);
+            } else {
+                let value = field
+                    .text()
+                    .await
+                    .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?;
+                fields.insert(name, value);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let cleanup = || {
+        let _ = std::fs::remove_file(&upload);
+    };
+    if let Err(response) = result {
+        cleanup();
+        return response;
+    }
+    if token.is_empty() {
+        token = fields.get("token").cloned().unwrap_or_default();
+    }
+    let Some(size) = size else {
+        cleanup();
+        return crate::params::ParamError("file is missing".into()).into_response();
+    };
+    let expire_at = match crate::jobs::parse_expire_in(
+        fields.get("expire_in").map(String::as_str).unwrap_or(""),
+    ) {
+        Ok(seconds) => seconds.map(|s| crate::jobs::now() + s),
+        Err(e) => {
+            cleanup();
+            return crate::params::ParamError(e).into_response();
+        }
+    };
+    let kind = fields
+        .get("artifact_type")
+        .cloned()
+        .unwrap_or_else(|| "archive".into());
+    if kind.is_empty() || !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        cleanup();
+        return crate::params::ParamError("artifact_type is invalid".into()).into_response();
+    }
+    let artifact = crate::jobs::StoredArtifact {
+        filename,
+        format: fields
+            .get("artifact_format")
+            .cloned()
+            .unwrap_or_else(|| "zip".into()),
+        size,
+        expire_at,
+    };
+    match state
+        .coordinator
+        .record_artifact(id, &token, &upload, &kind, artifact)
+    {
+        Ok(()) => (StatusCode::CREATED, Json(json!({}))).into_response(),
+        Err(e) => {
+            cleanup();
+            match e {
+                TraceError::Refused(refusal) => refused(refusal),
+                TraceError::Io(e) => Refusal::Internal(e).into_response(),
+                TraceError::Range(_) => Refusal::Internal("unexpected".into()).into_response(),
+            }
+        }
+    }
+}
+
+/// `GET /jobs/:id/artifacts`: the archive, for the job itself or a job depending on it.
+pub async fn download_artifacts(
+    State(state): State<GitlabState>,
+    Path(id): Path<i64>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    match state
+        .coordinator
+        .artifact_for_token(id, &job_token(&headers, &query))
+    {
+        Ok(Some((path, artifact))) => serve_file(path, artifact).await,
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"message": "404 Not Found"})),
+        )
+            .into_response(),
+        Err(refusal) => refused(refusal),
+    }
+}
+
+/// Streams a stored artifact with its size and name.
+pub(crate) async fn serve_file(
+    path: std::path::PathBuf,
+    artifact: crate::jobs::StoredArtifact,
+) -> Response {
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(_) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"message": "404 Not Found"})),
+            )
+                .into_response()
+        }
+    };
+    let name = artifact.filename.replace(['"', '\\'], "_");
+    (
+        [
+            ("content-type", "application/octet-stream".to_string()),
+            ("content-length", artifact.size.to_string()),
+            (
+                "content-disposition",
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response()
+}

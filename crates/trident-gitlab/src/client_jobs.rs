@@ -137,3 +137,11 @@ pub async fn cancel(State(state): State<GitlabState>, Path(id): Path<i64>) -> Re
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
+
+/// The job's archive artifact.
+pub async fn artifacts(State(state): State<GitlabState>, Path(id): Path<i64>) -> Response {
+    match state.coordinator.artifact(id) {
+        Some((path, artifact)) => crate::agent_jobs::serve_file(path, artifact).await,
+        None => error(StatusCode::NOT_FOUND, format!("job {id} has no artifacts")),
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::jobs::{now, Job, JobSpec, JobStatus};
+use crate::jobs::{now, Job, JobSpec, JobStatus, StoredArtifact};
 use crate::store::{CiStore, RegisteredAgent, StoreResult};
 use crate::tokens;
 
@@ -77,6 +77,7 @@ impl Coordinator {
             finished_at: None,
             trace_size: 0,
             last_seen: None,
+            uploaded_artifacts: BTreeMap::new(),
             token_hash: None,
         };
         let mut jobs = self.jobs.lock().unwrap();
@@ -248,6 +249,98 @@ impl Coordinator {
             }
         }
         failed
+    }
+
+    /// Checks that an agent may upload artifacts for this running job.
+    pub fn authorize_artifact(&self, id: i64, token: &str) -> Result<(), JobRefusal> {
+        let jobs = self.jobs.lock().unwrap();
+        self.authenticate(&jobs, id, token).map(|_| ())
+    }
+
+    /// Where an upload is written before it is recorded.
+    pub fn artifact_upload_path(&self, id: i64) -> PathBuf {
+        self.artifacts_dir(id)
+            .join(format!(".upload-{}", tokens::new_token("")))
+    }
+
+    fn artifacts_dir(&self, id: i64) -> PathBuf {
+        self.traces.with_file_name("artifacts").join(id.to_string())
+    }
+
+    /// Records an uploaded file as the job's artifact of `kind`, replacing an older one.
+    pub fn record_artifact(
+        &self,
+        id: i64,
+        token: &str,
+        upload: &std::path::Path,
+        kind: &str,
+        artifact: StoredArtifact,
+    ) -> Result<(), TraceError> {
+        let mut jobs = self.jobs.lock().unwrap();
+        let mut job = self
+            .authenticate(&jobs, id, token)
+            .map_err(TraceError::Refused)?;
+        let target = self.artifacts_dir(id).join(kind);
+        std::fs::rename(upload, &target).map_err(|e| TraceError::Io(e.to_string()))?;
+        job.uploaded_artifacts.insert(kind.to_string(), artifact);
+        job.last_seen = Some(now());
+        self.save(&mut jobs, job).map_err(TraceError::Io)?;
+        Ok(())
+    }
+
+    /// The job's archive, for the holder of its own job token or of the token of a running
+    /// job that depends on it.
+    pub fn artifact_for_token(
+        &self,
+        id: i64,
+        token: &str,
+    ) -> Result<Option<(PathBuf, StoredArtifact)>, JobRefusal> {
+        let jobs = self.jobs.lock().unwrap();
+        let hash = tokens::hash(token);
+        let allowed = jobs.values().any(|j| {
+            j.token_hash
+                .as_deref()
+                .is_some_and(|h| tokens::same(h, &hash))
+                && (j.id == id || j.spec.dependencies.contains(&id))
+        });
+        if !allowed {
+            return Err(JobRefusal::Forbidden);
+        }
+        Ok(self.archive_of(&jobs, id))
+    }
+
+    /// The job's archive, for clients of the jobs API.
+    pub fn artifact(&self, id: i64) -> Option<(PathBuf, StoredArtifact)> {
+        let jobs = self.jobs.lock().unwrap();
+        self.archive_of(&jobs, id)
+    }
+
+    fn archive_of(&self, jobs: &BTreeMap<i64, Job>, id: i64) -> Option<(PathBuf, StoredArtifact)> {
+        let artifact = jobs.get(&id)?.uploaded_artifacts.get("archive")?.clone();
+        Some((self.artifacts_dir(id).join("archive"), artifact))
+    }
+
+    /// Removes artifacts past their `expire_in`; returns how many.
+    pub fn expire_artifacts(&self) -> usize {
+        let mut jobs = self.jobs.lock().unwrap();
+        let now = now();
+        let expired: Vec<(i64, String)> = jobs
+            .values()
+            .flat_map(|j| {
+                j.uploaded_artifacts
+                    .iter()
+                    .filter(|(_, a)| a.expire_at.is_some_and(|at| at <= now))
+                    .map(move |(kind, _)| (j.id, kind.clone()))
+            })
+            .collect();
+        for (id, kind) in &expired {
+            let _ = std::fs::remove_file(self.artifacts_dir(*id).join(kind));
+            if let Some(mut job) = jobs.get(id).cloned() {
+                job.uploaded_artifacts.remove(kind);
+                let _ = self.save(&mut jobs, job);
+            }
+        }
+        expired.len()
     }
 
     /// The trace from `offset` on.

@@ -106,6 +106,9 @@ pub struct Job {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub trace_size: u64,
+    /// Uploaded artifacts by type (`archive`, `junit`, ...).
+    #[serde(default)]
+    pub uploaded_artifacts: BTreeMap<String, StoredArtifact>,
     /// When its agent last reported (unix seconds): a running job silent for too long has
     /// lost its agent.
     #[serde(default)]
@@ -115,9 +118,72 @@ pub struct Job {
     pub token_hash: Option<String>,
 }
 
+/// One uploaded artifact file, kept in the data dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredArtifact {
+    pub filename: String,
+    pub format: String,
+    pub size: u64,
+    /// Unix seconds; gone after that.
+    pub expire_at: Option<u64>,
+}
+
+/// GitLab's `expire_in` ("30 minutes", "1 week", "2 days 4 hours", "never") in seconds;
+/// `None` for never, `Err` for what cannot be read.
+pub fn parse_expire_in(text: &str) -> Result<Option<u64>, String> {
+    let text = text.trim().to_ascii_lowercase();
+    if text.is_empty() || text == "never" {
+        return Ok(None);
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut total = 0u64;
+    let mut i = 0;
+    while i < words.len() {
+        let (number, unit) = match words[i].find(|c: char| !c.is_ascii_digit()) {
+            Some(0) | None if i + 1 < words.len() => (words[i], words[i + 1]),
+            Some(at) if at > 0 => (&words[i][..at], &words[i][at..]),
+            _ => return Err(format!("cannot read expire_in {text:?}")),
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("cannot read expire_in {text:?}"))?;
+        let seconds = match unit.trim_end_matches('s') {
+            "sec" | "second" => 1,
+            "min" | "minute" => 60,
+            "h" | "hr" | "hour" => 3600,
+            "d" | "day" => 86_400,
+            "w" | "week" => 604_800,
+            "mo" | "month" => 2_592_000,
+            "y" | "yr" | "year" => 31_536_000,
+            _ => return Err(format!("unknown unit in expire_in {text:?}")),
+        };
+        total += n * seconds;
+        i += if words[i].len() > number.len() { 1 } else { 2 };
+    }
+    Ok(Some(total))
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_expire_in;
+
+    #[test]
+    fn expire_in_reads_like_gitlab() {
+        assert_eq!(parse_expire_in("never"), Ok(None));
+        assert_eq!(parse_expire_in("30 minutes"), Ok(Some(1800)));
+        assert_eq!(parse_expire_in("1 week"), Ok(Some(604_800)));
+        assert_eq!(parse_expire_in("2 days 4 hours"), Ok(Some(187_200)));
+        assert_eq!(parse_expire_in("1h"), Ok(Some(3600)));
+        assert_eq!(parse_expire_in("3 sec"), Ok(Some(3)));
+        assert!(parse_expire_in("soon").is_err());
+        assert!(parse_expire_in("3 fortnights").is_err());
+    }
 }

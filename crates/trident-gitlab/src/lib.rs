@@ -34,10 +34,12 @@ pub struct GitlabConfig {
     pub api_token: Option<String>,
     /// How long `/jobs/request` waits for a job before answering 204 (0 = at once).
     pub request_poll: Duration,
+    /// Largest artifact file accepted (413 above).
+    pub max_artifact_bytes: u64,
 }
 
-/// Fails running jobs whose agent stopped reporting for `stale_after`, checking every so
-/// often, for as long as the coordinator lives.
+/// Fails running jobs whose agent stopped reporting for `stale_after` and removes expired
+/// artifacts, checking every so often, for as long as the coordinator lives.
 pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>, stale_after: Duration) {
     let coordinator = Arc::downgrade(coordinator);
     let every = (stale_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
@@ -48,6 +50,7 @@ pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>, stale_after: Durati
                 return;
             };
             coordinator.fail_lost_jobs(stale_after, None);
+            coordinator.expire_artifacts();
         }
     });
 }
@@ -78,6 +81,7 @@ pub fn router(
         .route("/api/v1/jobs/{id}", get(client_jobs::get))
         .route("/api/v1/jobs/{id}/trace", get(client_jobs::trace))
         .route("/api/v1/jobs/{id}/cancel", post(client_jobs::cancel))
+        .route("/api/v1/jobs/{id}/artifacts", get(client_jobs::artifacts))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             client_jobs::require_token,
@@ -87,6 +91,17 @@ pub fn router(
         .route("/jobs/request", post(agent_jobs::request))
         .route("/jobs/{id}", put(agent_jobs::update))
         .route("/jobs/{id}/trace", axum::routing::patch(agent_jobs::trace))
+        .route(
+            "/jobs/{id}/artifacts/authorize",
+            post(agent_jobs::authorize_artifacts),
+        )
+        .route(
+            "/jobs/{id}/artifacts",
+            post(agent_jobs::upload_artifacts)
+                .get(agent_jobs::download_artifacts)
+                // The upload enforces the artifact limit itself, while streaming to disk.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route(
             "/runners",
             post(runners::register).delete(runners::unregister),

@@ -73,6 +73,8 @@ pub struct FileConfig {
     builtin_agent_concurrency: Option<usize>,
     /// A running job whose agent sent nothing for this long fails with runner_system_failure.
     job_stale_seconds: Option<u64>,
+    /// Largest artifact file accepted, in MB (default 100).
+    max_artifacts_mb: Option<u64>,
     /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
     job_request_poll_seconds: Option<u64>,
     /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
@@ -156,6 +158,7 @@ pub struct Settings {
     pub builtin_agent_tags: Vec<String>,
     pub builtin_agent_concurrency: usize,
     pub job_stale_after: Duration,
+    pub max_artifact_bytes: u64,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -213,6 +216,7 @@ impl Settings {
                 .unwrap_or_default(),
             builtin_agent_concurrency: file.builtin_agent_concurrency.unwrap_or(2).max(1),
             job_stale_after: Duration::from_secs(file.job_stale_seconds.unwrap_or(1800).max(1)),
+            max_artifact_bytes: file.max_artifacts_mb.unwrap_or(100) * 1024 * 1024,
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,

@@ -70,6 +70,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             registration_token: settings.registration_token.clone(),
             api_token: settings.token.clone(),
             request_poll: settings.job_request_poll,
+            max_artifact_bytes: settings.max_artifact_bytes,
         },
     ));
     trident_gitlab::watch_for_lost_agents(&coordinator, settings.job_stale_after);

@@ -359,3 +359,194 @@ async fn jobs_whose_agent_goes_silent_fail() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_are_stored_served_to_dependants_and_expire() {
+    let server = Server::start_with(Options {
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 0\nbuiltin_agent: false\nmax_artifacts_mb: 1\njob_stale_seconds: 8\n"
+                .into(),
+        ),
+        ..Options::default()
+    });
+    let agent = register(&server, json!({})).await;
+    let a = submit(
+        &server,
+        json!({"name": "build", "script": ["true"], "artifacts": {"paths": ["out/"]}}),
+    )
+    .await;
+    let a_id = a["id"].as_i64().unwrap();
+    let (_, _, payload) = request_job(&server, &agent).await;
+    assert_eq!(payload["artifacts"][0]["paths"], json!(["out/"]));
+    let a_token = payload["token"].as_str().unwrap().to_string();
+
+    // Authorize: size limit and token.
+    let authorize = |token: &str, size: u64| {
+        server
+            .http
+            .post(v4(&server, &format!("/jobs/{a_id}/artifacts/authorize")))
+            .header("JOB-TOKEN", token)
+            .json(&json!({"token": token, "filesize": size, "artifact_type": "archive"}))
+            .send()
+    };
+    assert_eq!(authorize(&a_token, 100).await.unwrap().status(), 200);
+    assert_eq!(authorize(&a_token, 2 << 20).await.unwrap().status(), 413);
+    assert_eq!(authorize("glcbt-wrong", 100).await.unwrap().status(), 403);
+
+    // Upload: stored as sent (a zip with a `../` entry is never unpacked by trident).
+    let archive: Vec<u8> = b"PK\x03\x04 ../../etc/passwd pretend-zip".to_vec();
+    let upload = |token: &str, bytes: Vec<u8>, expire_in: &str| {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes).file_name("artifacts.zip"),
+            )
+            .text("artifact_type", "archive")
+            .text("artifact_format", "zip")
+            .text("expire_in", expire_in.to_string());
+        server
+            .http
+            .post(v4(&server, &format!("/jobs/{a_id}/artifacts")))
+            .header("JOB-TOKEN", token)
+            .multipart(form)
+            .send()
+    };
+    assert_eq!(
+        upload(&a_token, vec![0u8; 2 << 20], "1 week")
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
+    assert_eq!(
+        upload("glcbt-wrong", archive.clone(), "1 week")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        upload(&a_token, archive.clone(), "whenever")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        upload(&a_token, archive.clone(), "1 week")
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+
+    let download = |id: i64, token: &str| {
+        server
+            .http
+            .get(v4(&server, &format!("/jobs/{id}/artifacts")))
+            .header("JOB-TOKEN", token)
+            .send()
+    };
+    let r = download(a_id, &a_token).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], archive.len().to_string());
+    assert_eq!(r.bytes().await.unwrap().as_ref(), archive.as_slice());
+    assert!(!server
+        .data_dir
+        .join("artifacts")
+        .join(a_id.to_string())
+        .join("etc")
+        .exists());
+
+    // A job that depends on it may fetch it with its own token; others may not.
+    let b = submit(
+        &server,
+        json!({"name": "test", "script": ["true"], "dependencies": [a_id]}),
+    )
+    .await;
+    let (_, _, payload_b) = request_job(&server, &agent).await;
+    assert_eq!(payload_b["id"], b["id"]);
+    let b_token = payload_b["token"].as_str().unwrap().to_string();
+    let c = submit(&server, json!({"name": "other", "script": ["true"]})).await;
+    let (_, _, payload_c) = request_job(&server, &agent).await;
+    assert_eq!(payload_c["id"], c["id"]);
+    let c_token = payload_c["token"].as_str().unwrap().to_string();
+    assert_eq!(download(a_id, &c_token).await.unwrap().status(), 403);
+    let r = put_state(
+        &server,
+        a_id,
+        json!({"token": a_token, "state": "success", "exit_code": 0}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        download(a_id, &a_token).await.unwrap().status(),
+        403,
+        "a finished job's token is dead"
+    );
+    let r = download(a_id, &b_token).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), archive.as_slice());
+    let r = server.get(&format!("/jobs/{a_id}/artifacts")).await;
+    assert_eq!(r.status(), 200);
+    let c_id = c["id"].as_i64().unwrap();
+    assert_eq!(
+        server
+            .get(&format!("/jobs/{c_id}/artifacts"))
+            .await
+            .status(),
+        404
+    );
+
+    // Expiry: an artifact that expires goes away by itself.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"soon gone".to_vec()).file_name("a.zip"),
+        )
+        .text("expire_in", "1 sec");
+    let r = server
+        .http
+        .post(v4(&server, &format!("/jobs/{c_id}/artifacts")))
+        .header("JOB-TOKEN", &c_token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for (id, token) in [(c_id, &c_token), (b["id"].as_i64().unwrap(), &b_token)] {
+        let r = put_state(
+            &server,
+            id,
+            json!({"token": token, "state": "success", "exit_code": 0}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        server
+            .get(&format!("/jobs/{c_id}/artifacts"))
+            .await
+            .status(),
+        200
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server
+        .get(&format!("/jobs/{c_id}/artifacts"))
+        .await
+        .status()
+        != 404
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the artifact never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(!server
+        .data_dir
+        .join("artifacts")
+        .join(c_id.to_string())
+        .join("archive")
+        .exists());
+}
