@@ -149,6 +149,24 @@ impl BuiltinAgent {
                 content_base64: f.content.clone(),
             })
             .collect();
+        let mut files = files;
+        for dependency in &spec.dependencies {
+            match self.dependency_files(*dependency) {
+                Ok(mut extracted) => {
+                    self.trace(
+                        job,
+                        token,
+                        size,
+                        &format!(
+                            "Fetched {} files from job {dependency}'s artifacts\n",
+                            extracted.len()
+                        ),
+                    );
+                    files.append(&mut extracted);
+                }
+                Err(e) => return Outcome::SystemFailure(e),
+            }
+        }
         if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
             return Outcome::SystemFailure(format!("placing the job's files: {e}"));
         }
@@ -177,23 +195,139 @@ impl BuiltinAgent {
                 spec.timeout,
             )
             .await;
-        if matches!(outcome, Outcome::Canceled) || spec.after_script.is_empty() {
+        if matches!(outcome, Outcome::Canceled) {
             return outcome;
         }
-        let after = step_script(&spec.after_script);
-        self.trace(job, token, size, "\nRunning after_script\n");
-        let _ = self
-            .execute(
-                job,
-                token,
-                size,
-                runner,
-                &after,
-                &environment,
-                AFTER_SCRIPT_TIMEOUT,
-            )
-            .await;
+        if !spec.after_script.is_empty() {
+            let after = step_script(&spec.after_script);
+            self.trace(job, token, size, "\nRunning after_script\n");
+            let _ = self
+                .execute(
+                    job,
+                    token,
+                    size,
+                    runner,
+                    &after,
+                    &environment,
+                    AFTER_SCRIPT_TIMEOUT,
+                )
+                .await;
+        }
+        if let Some(artifacts) = &spec.artifacts {
+            let succeeded = matches!(outcome, Outcome::Exited(0));
+            let wanted = match artifacts.when.as_str() {
+                "always" => true,
+                "on_failure" => !succeeded,
+                _ => succeeded,
+            };
+            if wanted && !artifacts.paths.is_empty() {
+                if let Err(e) = self.upload_artifacts(job, token, runner, artifacts).await {
+                    self.trace(
+                        job,
+                        token,
+                        size,
+                        &format!("\nERROR: collecting artifacts: {e}\n"),
+                    );
+                    return Outcome::SystemFailure(format!("collecting artifacts: {e}"));
+                }
+                self.trace(job, token, size, "\nUploaded artifacts\n");
+            }
+        }
         outcome
+    }
+
+    /// Zips `artifacts.paths` (relative to the workspace) from the runner, reading every file
+    /// through the runner's own file API, and uploads it as the job's archive.
+    async fn upload_artifacts(
+        &self,
+        job: &Job,
+        token: &str,
+        runner: &str,
+        artifacts: &crate::jobs::ArtifactsSpec,
+    ) -> Result<(), String> {
+        use std::io::Write;
+        use tokio::io::AsyncReadExt;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for path in &artifacts.paths {
+            if path.starts_with('/') || path.split('/').any(|part| part == "..") {
+                return Err(format!(
+                    "artifact path {path:?} must stay inside the workspace"
+                ));
+            }
+            let entries = match self.manager.list_files(runner, path, true, true).await {
+                Ok(entries) => entries,
+                Err(trident_core::Error::FileUnavailable(_)) => continue, // nothing there
+                Err(e) => return Err(e.to_string()),
+            };
+            for entry in entries.into_iter().filter(|e| e.entry_type == "-") {
+                let name = entry.name.trim_start_matches("./").to_string();
+                let mut file = self
+                    .manager
+                    .open_file(runner, &entry.name, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut bytes = Vec::with_capacity(file.size as usize);
+                file.content
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                zip.start_file(name, options).map_err(|e| e.to_string())?;
+                zip.write_all(&bytes).map_err(|e| e.to_string())?;
+            }
+        }
+        let bytes = zip.finish().map_err(|e| e.to_string())?.into_inner();
+        let upload = self.coordinator.artifact_upload_path(job.id);
+        if let Some(dir) = upload.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(&upload, &bytes).map_err(|e| e.to_string())?;
+        let expire_at = crate::jobs::parse_expire_in(artifacts.expire_in.as_deref().unwrap_or(""))?
+            .map(|seconds| crate::jobs::now() + seconds);
+        let artifact = crate::jobs::StoredArtifact {
+            filename: "artifacts.zip".into(),
+            format: "zip".into(),
+            size: bytes.len() as u64,
+            expire_at,
+        };
+        self.coordinator
+            .record_artifact(job.id, token, &upload, "archive", artifact)
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&upload);
+                format!("{e:?}")
+            })
+    }
+
+    /// The files of a dependency's archive, read in memory (never unpacked on the host) and
+    /// turned into copies for the runner. Entries that would leave the workspace, links and
+    /// directories are skipped.
+    fn dependency_files(&self, dependency: i64) -> Result<Vec<FileCopy>, String> {
+        use base64::Engine;
+        use std::io::Read;
+        let Some((path, _)) = self.coordinator.artifact(dependency) else {
+            return Ok(Vec::new());
+        };
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut archive = zip::ZipArchive::new(file)
+            .map_err(|e| format!("job {dependency}'s artifacts are not a zip: {e}"))?;
+        let mut files = Vec::new();
+        for i in 0..archive.len() {
+            let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+            let Some(name) = entry.enclosed_name() else {
+                continue;
+            };
+            if entry.is_dir() || entry.is_symlink() {
+                continue;
+            }
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+            files.push(FileCopy {
+                path: name.to_string_lossy().into_owned(),
+                content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            });
+        }
+        Ok(files)
     }
 
     #[allow(clippy::too_many_arguments)]

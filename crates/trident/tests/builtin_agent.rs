@@ -191,3 +191,67 @@ async fn jobs_of_a_crashed_server_fail_instead_of_running_for_ever() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_flow_from_a_job_to_the_jobs_that_depend_on_it() {
+    let server = Server::start();
+    server.put_environment(3, 1, 256).await;
+    let build = submit(
+        &server,
+        json!({"name": "build", "executionEnvironmentId": 3,
+               "script": ["mkdir -p out/deep", "echo built > out/deep/result.txt", "echo top > top.txt"],
+               "artifacts": {"paths": ["out/", "top.txt", "missing/"], "expireIn": "1 week"}}),
+    )
+    .await;
+    let (job, trace) = wait_finished(&server, build).await;
+    assert_eq!(job["status"], "success", "{trace}");
+    let r = server.get(&format!("/jobs/{build}/artifacts")).await;
+    assert_eq!(r.status(), 200);
+    let bytes = r.bytes().await.unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    let mut names: Vec<String> = (0..archive.len())
+        .map(|i| archive.by_index(i).unwrap().name().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["out/deep/result.txt", "top.txt"]);
+
+    let test = submit(
+        &server,
+        json!({"name": "test", "executionEnvironmentId": 3, "dependencies": [build],
+               "script": ["cat out/deep/result.txt top.txt"]}),
+    )
+    .await;
+    let (job, trace) = wait_finished(&server, test).await;
+    assert_eq!(job["status"], "success", "{trace}");
+    assert!(trace.contains("built\r\ntop\r\n"), "{trace:?}");
+
+    // `when` decides: failed jobs keep artifacts only when asked to.
+    let kept = submit(
+        &server,
+        json!({"name": "k", "executionEnvironmentId": 3, "script": ["echo log > log.txt", "false"],
+               "artifacts": {"paths": ["log.txt"], "when": "on_failure"}}),
+    )
+    .await;
+    let dropped = submit(
+        &server,
+        json!({"name": "d", "executionEnvironmentId": 3, "script": ["echo log > log.txt", "false"],
+               "artifacts": {"paths": ["log.txt"]}}),
+    )
+    .await;
+    assert_eq!(wait_finished(&server, kept).await.0["status"], "failed");
+    assert_eq!(wait_finished(&server, dropped).await.0["status"], "failed");
+    assert_eq!(
+        server
+            .get(&format!("/jobs/{kept}/artifacts"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        server
+            .get(&format!("/jobs/{dropped}/artifacts"))
+            .await
+            .status(),
+        404
+    );
+}
