@@ -65,7 +65,24 @@ pub async fn request(
                     .get(axum::http::header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .unwrap_or("localhost");
-                return (StatusCode::CREATED, Json(payload(&job, &token, host))).into_response();
+                // Dependencies are fetched with this job's own token (see download_artifacts).
+                let dependencies: Vec<Value> = job
+                    .spec
+                    .dependencies
+                    .iter()
+                    .filter_map(|id| coordinator.get(*id))
+                    .map(|dependency| {
+                        let file = dependency
+                            .uploaded_artifacts
+                            .get("archive")
+                            .map(|a| json!({"filename": a.filename, "size": a.size}));
+                        json!({"id": dependency.id, "name": dependency.spec.name,
+                               "token": token, "artifacts_file": file})
+                    })
+                    .collect();
+                let mut body = payload(&job, &token, host);
+                body["dependencies"] = Value::Array(dependencies);
+                return (StatusCode::CREATED, Json(body)).into_response();
             }
             Ok(None) => {}
             Err(e) => return Refusal::Internal(e).into_response(),

@@ -466,6 +466,13 @@ async fn artifacts_are_stored_served_to_dependants_and_expire() {
     .await;
     let (_, _, payload_b) = request_job(&server, &agent).await;
     assert_eq!(payload_b["id"], b["id"]);
+    assert_eq!(payload_b["dependencies"][0]["id"], a_id);
+    assert_eq!(payload_b["dependencies"][0]["name"], "build");
+    assert_eq!(
+        payload_b["dependencies"][0]["artifacts_file"]["size"],
+        archive.len()
+    );
+    assert_eq!(payload_b["dependencies"][0]["token"], payload_b["token"]);
     let b_token = payload_b["token"].as_str().unwrap().to_string();
     let c = submit(&server, json!({"name": "other", "script": ["true"]})).await;
     let (_, _, payload_c) = request_job(&server, &agent).await;
