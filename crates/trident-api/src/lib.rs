@@ -19,6 +19,7 @@ use axum::Router;
 use trident_core::Manager;
 
 pub use error::ApiError;
+pub use websocket::Sessions;
 
 #[derive(Clone)]
 pub struct ApiConfig {
@@ -27,6 +28,8 @@ pub struct ApiConfig {
     /// Largest accepted request body (file uploads come base64-encoded in JSON).
     pub max_body_bytes: usize,
     pub version: String,
+    /// The WebSocket sessions of running executions, for a graceful shutdown.
+    pub sessions: Sessions,
 }
 
 #[derive(Clone)]
@@ -63,7 +66,9 @@ pub fn router(manager: Manager, config: ApiConfig) -> Router {
             get(environments::get)
                 .put(environments::put)
                 .delete(environments::delete),
-        );
+        )
+        // After every route: a known path with the wrong method gets a JSON error body too.
+        .method_not_allowed_fallback(misc::method_not_allowed);
     Router::new()
         .nest("/api/v1", api)
         .fallback(misc::not_found)

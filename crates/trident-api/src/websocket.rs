@@ -4,7 +4,7 @@
 //! `timeout` or `error`, then a close with code 1000. Client → server: text frames are the
 //! process's standard input, verbatim. A client that goes away cancels the execution.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -29,8 +29,43 @@ pub async fn connect(
         .has_pending_execution(&runner_id, &execution_id)?;
     let upgrade =
         upgrade.map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade: {e}")))?;
-    Ok(upgrade.on_upgrade(move |socket| run(state, runner_id, execution_id, socket)))
+    let sessions = state.config.sessions.clone();
+    Ok(upgrade.on_upgrade(move |socket| {
+        sessions
+            .tracker
+            .track_future(run(state, runner_id, execution_id, socket))
+    }))
 }
+
+/// The WebSocket sessions of running executions. They outlive their HTTP connections, so a
+/// graceful shutdown of the HTTP server does not wait for them: `drain` does.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    tracker: tokio_util::task::TaskTracker,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Sessions {
+    /// Lets running executions finish until `deadline`, then cuts the rest: their
+    /// executions are killed and their clients get an `error` and a close frame.
+    pub async fn drain(&self, deadline: tokio::time::Instant) {
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                count = self.tracker.len(),
+                "cutting executions still running"
+            );
+            self.cut.cancel();
+            let _ = tokio::time::timeout(CUT_SEND_TIMEOUT + CLOSE_WAIT, self.tracker.wait()).await;
+        }
+    }
+}
+
+/// How long the last words of a cut session may wait for a client that does not read.
+const CUT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn frame(message: &ExecMessage) -> String {
     match message {
@@ -66,6 +101,8 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
                 .send(Message::Text(frame(&ExecMessage::Error(message)).into()))
                 .await;
             let _ = sink.send(close()).await;
+            let drain = async { while let Some(Ok(_)) = incoming.next().await {} };
+            let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
             return;
         }
     };
@@ -81,16 +118,46 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
     // can never stall the output.
     let stdin = execution.stdin.clone();
     let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<()>();
-    let reader = tokio::spawn(async move {
-        while let Some(message) = incoming.next().await {
-            let bytes = match message {
-                Ok(Message::Text(text)) => text.as_bytes().to_vec(),
-                Ok(Message::Binary(bytes)) => bytes.to_vec(),
-                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
-                Ok(Message::Close(_)) | Err(_) => break,
-            };
-            if stdin.send(bytes).await.is_err() {
-                break;
+    let cut = state.config.sessions.cut.clone();
+    // Only the client leaving counts as gone, so its socket is read whatever the process
+    // does: input the process has not taken yet waits here, up to a bound past which it is
+    // dropped (a process that leaves that much input unread has stopped reading), and so
+    // is input that arrives after the process stopped taking any.
+    let mut reader = tokio::spawn(async move {
+        let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut pending_bytes = 0;
+        let mut stdin_open = true;
+        loop {
+            tokio::select! {
+                message = incoming.next() => {
+                    let bytes = match message {
+                        Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
+                        Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    };
+                    if !stdin_open {
+                        continue;
+                    }
+                    if pending_bytes + bytes.len() > MAX_PENDING_INPUT {
+                        tracing::debug!("the process does not read its input: input dropped");
+                        continue;
+                    }
+                    pending_bytes += bytes.len();
+                    pending.push_back(bytes);
+                }
+                permit = stdin.reserve(), if !pending.is_empty() => match permit {
+                    Ok(permit) => {
+                        let bytes = pending.pop_front().expect("not empty");
+                        pending_bytes -= bytes.len();
+                        permit.send(bytes);
+                    }
+                    Err(_) => {
+                        stdin_open = false;
+                        pending.clear();
+                        pending_bytes = 0;
+                    }
+                },
             }
         }
         let _ = gone_tx.send(());
@@ -123,10 +190,31 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
                 // The client left: dropping the execution kills it; the runner stays usable.
                 break;
             }
+            () = cut.cancelled() => {
+                // The server stops and the grace period is over: the execution is killed
+                // (dropped), the runner stays.
+                let last = async {
+                    let error = ExecMessage::Error(GENERIC_ERROR_MESSAGE.into());
+                    sink.send(Message::Text(frame(&error).into())).await?;
+                    sink.send(close()).await
+                };
+                let _ = tokio::time::timeout(CUT_SEND_TIMEOUT, last).await;
+                break;
+            }
         }
     }
+    drop(execution);
+    // Closing the connection with the client's frames still unread would reset it, and the
+    // client could lose the last messages: wait (briefly) for its close frame first.
+    let _ = tokio::time::timeout(CLOSE_WAIT, &mut reader).await;
     reader.abort();
 }
+
+/// Input bytes held for a process that does not read them.
+const MAX_PENDING_INPUT: usize = 1024 * 1024;
+
+/// How long a session waits for the client's answer to its close frame.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long one message may wait for a client that does not read.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

@@ -55,12 +55,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         trident_gitlab::Coordinator::new(store.clone(), data_dir.join("traces"))
             .map_err(anyhow::Error::msg)?,
     );
+    let sessions = trident_api::Sessions::default();
     let app = trident_api::router(
         manager.clone(),
         ApiConfig {
             token: settings.token.clone(),
             max_body_bytes: settings.max_body_bytes,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: sessions.clone(),
         },
     )
     .merge(trident_gitlab::router(
@@ -106,11 +108,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             tracing::info!("stopping: no new connections; finishing requests in flight");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop_tx.send(true);
-            // WebSockets of running executions may never end by themselves: past the grace
-            // period they are cut, which kills their executions (the runners stay).
-            if tokio::time::timeout(settings.shutdown_grace, &mut server).await.is_err() {
+            let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
+            if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
                 tracing::warn!(grace = ?settings.shutdown_grace, "cutting connections still open");
             }
+            // WebSockets of running executions outlive their HTTP connections and may never
+            // end by themselves: they get the same grace period, then are cut, which kills
+            // their executions (the runners stay).
+            sessions.drain(deadline).await;
         }
     }
     if settings.destroy_runners_on_exit {
