@@ -1,6 +1,6 @@
 //! `/api/v4/jobs/...`: what agents call to take a job, report on it and stream its trace.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::coordinator::{JobRefusal, TraceError};
+use crate::coordinator::{Assignment, JobRefusal, StateUpdate, TraceError, UpdateOutcome};
 use crate::jobs::Job;
-use crate::params::Params;
+use crate::params::{ParamError, Params};
 use crate::runners::{authenticate, Refusal};
-use crate::GitlabState;
+use crate::store::RegisteredAgent;
+use crate::{variables, GitlabState};
 
 fn with_headers(
     status: StatusCode,
@@ -43,8 +44,8 @@ fn refused(refusal: JobRefusal) -> Response {
     }
 }
 
-/// `POST /jobs/request`: a matching job at once, or as soon as one is queued, or 204 after
-/// the long-poll time.
+/// `POST /jobs/request`: a matching job at once, or as soon as one is queued (or, with
+/// `job_age`, old enough), or 204 after the long-poll time.
 pub async fn request(
     State(state): State<GitlabState>,
     headers: HeaderMap,
@@ -54,13 +55,18 @@ pub async fn request(
         Ok((_, agent)) => agent,
         Err(refusal) => return refusal.into_response(),
     };
+    let min_age = match params.integer("job_age") {
+        Ok(age) => Duration::from_secs(age.unwrap_or(0).max(0) as u64),
+        Err(e) => return e.into_response(),
+    };
     let coordinator = &state.coordinator;
     let mut queue = coordinator.subscribe();
     let deadline = Instant::now() + state.config.request_poll;
     loop {
         let version = *queue.borrow_and_update();
-        match coordinator.assign(&agent) {
-            Ok(Some((job, token))) => {
+        let mut wake_at = deadline;
+        match coordinator.assign(&agent, min_age) {
+            Ok(Assignment::Job(job, token)) => {
                 let host = headers
                     .get(axum::http::header::HOST)
                     .and_then(|h| h.to_str().ok())
@@ -80,11 +86,15 @@ pub async fn request(
                                "token": token, "artifacts_file": file})
                     })
                     .collect();
-                let mut body = payload(&job, &token, host);
+                let mut body = payload(&job, &token, &format!("http://{host}"), &agent);
                 body["dependencies"] = Value::Array(dependencies);
                 return (StatusCode::CREATED, Json(body)).into_response();
             }
-            Ok(None) => {}
+            Ok(Assignment::Nothing(too_young)) => {
+                if let Some(wait) = too_young {
+                    wake_at = wake_at.min(Instant::now() + wait);
+                }
+            }
             Err(e) => return Refusal::Internal(e).into_response(),
         }
         let now = Instant::now();
@@ -97,26 +107,18 @@ pub async fn request(
         }
         tokio::select! {
             _ = queue.changed() => {}
-            () = tokio::time::sleep(deadline - now) => {}
+            () = tokio::time::sleep(wake_at.saturating_duration_since(now)) => {}
         }
     }
 }
 
 /// The job as agents expect it (the fields the Go agent and the Rust crate read).
-fn payload(job: &Job, token: &str, host: &str) -> Value {
+fn payload(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent) -> Value {
     let spec = &job.spec;
-    let mut variables = vec![
-        json!({"key": "CI", "value": "true", "public": true, "masked": false}),
-        json!({"key": "GITLAB_CI", "value": "true", "public": true, "masked": false}),
-        json!({"key": "CI_JOB_ID", "value": job.id.to_string(), "public": true, "masked": false}),
-        json!({"key": "CI_JOB_NAME", "value": spec.name, "public": true, "masked": false}),
-        json!({"key": "CI_JOB_TOKEN", "value": token, "public": false, "masked": true}),
-        json!({"key": "CI_SERVER_URL", "value": format!("http://{host}"), "public": true, "masked": false}),
-        json!({"key": "CI_PROJECT_NAME", "value": "trident", "public": true, "masked": false}),
-    ];
-    for (key, value) in &spec.variables {
-        variables.push(json!({"key": key, "value": value, "public": true, "masked": false}));
-    }
+    let variables: Vec<Value> = variables::for_job(job, token, server_url, agent)
+        .into_iter()
+        .map(|v| json!({"key": v.key, "value": v.value, "public": v.public, "masked": v.masked}))
+        .collect();
     let mut steps = vec![
         json!({"name": "script", "script": spec.script, "timeout": spec.timeout,
                                 "when": "on_success", "allow_failure": false}),
@@ -151,38 +153,67 @@ fn payload(job: &Job, token: &str, host: &str) -> Value {
     })
 }
 
-/// `PUT /jobs/:id`: the agent reports the job's state.
+/// `PUT /jobs/:id`: the agent reports the job's state. With a final state it may send the
+/// CRC32 (`checksum` or `output[checksum]`, as `crc32:<hex>`) and size (`output[bytesize]`) of
+/// the whole trace: while the stored trace lacks some of it, the answer is 202 and the agent
+/// sends the rest and asks again.
 pub async fn update(
     State(state): State<GitlabState>,
     Path(id): Path<i64>,
     params: Params,
 ) -> Response {
     let fields = (|| {
-        Ok::<_, crate::params::ParamError>((
+        let output = params.object("output")?;
+        let output = Params(output.as_object().cloned().unwrap_or_default());
+        let checksum = match output.string("checksum")? {
+            Some(checksum) => Some(checksum),
+            None => params.string("checksum")?,
+        };
+        let bytesize = output.integer("bytesize")?;
+        if bytesize.is_some_and(|b| b < 0) {
+            return Err(ParamError("output[bytesize] is invalid".into()));
+        }
+        Ok::<_, ParamError>((
             params.required_string("token")?,
-            params.string("state")?,
-            params.integer("exit_code")?,
-            params.string("failure_reason")?,
+            StateUpdate {
+                state: params.string("state")?,
+                exit_code: params.integer("exit_code")?,
+                failure_reason: params.string("failure_reason")?,
+                checksum: checksum.map(|c| parse_checksum(&c)).transpose()?,
+                bytesize: bytesize.map(|b| b as u64),
+            },
         ))
     })();
-    let (token, job_state, exit_code, failure_reason) = match fields {
+    let (token, update) = match fields {
         Ok(fields) => fields,
         Err(e) => return e.into_response(),
     };
-    match state
-        .coordinator
-        .update(id, &token, job_state.as_deref(), exit_code, failure_reason)
-    {
-        Ok(job) => with_headers(
-            StatusCode::OK,
-            &[
-                ("job-status", job.status.as_str().to_string()),
-                ("x-gitlab-trace-update-interval", "3".to_string()),
-            ],
-            "200".into_response(),
-        ),
-        Err(refusal) => refused(refusal),
-    }
+    let (status, job) = match state.coordinator.update(id, &token, update) {
+        Ok(UpdateOutcome::Done(job)) => (StatusCode::OK, job),
+        Ok(UpdateOutcome::Accepted(job)) => (StatusCode::ACCEPTED, job),
+        Err(refusal) => return refused(refusal),
+    };
+    with_headers(
+        status,
+        &[
+            ("job-status", job.status.as_str().to_string()),
+            (
+                "x-gitlab-trace-update-interval",
+                TRACE_UPDATE_INTERVAL.to_string(),
+            ),
+        ],
+        status.as_u16().to_string().into_response(),
+    )
+}
+
+/// Seconds agents wait between trace patches (and between retries of a held-back update).
+const TRACE_UPDATE_INTERVAL: u64 = 3;
+
+/// A trace checksum as agents send it: `crc32:` and eight hex digits (the prefix optional).
+fn parse_checksum(text: &str) -> Result<u32, ParamError> {
+    let hex = text.strip_prefix("crc32:").unwrap_or(text);
+    u32::from_str_radix(hex, 16)
+        .map_err(|_| ParamError(format!("checksum {text:?} is not crc32:<hex>")))
 }
 
 /// `PATCH /jobs/:id/trace`: appends `Content-Range: start-end` bytes.
@@ -217,7 +248,10 @@ pub async fn trace(
             &[
                 ("range", format!("0-{size}")),
                 ("job-status", "running".to_string()),
-                ("x-gitlab-trace-update-interval", "3".to_string()),
+                (
+                    "x-gitlab-trace-update-interval",
+                    TRACE_UPDATE_INTERVAL.to_string(),
+                ),
             ],
             ().into_response(),
         ),

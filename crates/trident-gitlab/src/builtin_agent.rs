@@ -10,9 +10,10 @@ use trident_core::execution::ExecMessage;
 use trident_core::model::{ExecutionRequest, FileCopy};
 use trident_core::Manager;
 
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Assignment, Coordinator, StateUpdate};
 use crate::jobs::Job;
 use crate::store::RegisteredAgent;
+use crate::variables;
 
 /// The built-in agent's id in job records (registered agents start at 1).
 pub const BUILTIN_AGENT_ID: i64 = 0;
@@ -27,6 +28,8 @@ pub struct BuiltinAgent {
     pub manager: Manager,
     pub coordinator: Arc<Coordinator>,
     pub tags: Vec<String>,
+    /// How jobs reach trident (`CI_SERVER_URL` and friends).
+    pub server_url: String,
 }
 
 impl BuiltinAgent {
@@ -60,9 +63,9 @@ impl BuiltinAgent {
         let mut queue = self.coordinator.subscribe();
         loop {
             queue.borrow_and_update();
-            match self.coordinator.assign(&agent) {
-                Ok(Some((job, token))) => self.run(job, &token).await,
-                Ok(None) => {
+            match self.coordinator.assign(&agent, Duration::ZERO) {
+                Ok(Assignment::Job(job, token)) => self.run(*job, &token).await,
+                Ok(Assignment::Nothing(_)) => {
                     // Woken by a new job, or after a while in case a wake-up was missed.
                     let _ = tokio::time::timeout(Duration::from_secs(5), queue.changed()).await;
                 }
@@ -97,13 +100,13 @@ impl BuiltinAgent {
             }
             Outcome::Canceled => return,
         };
-        if let Err(e) = self.coordinator.update(
-            job.id,
-            token,
-            Some(state),
+        let update = StateUpdate {
+            state: Some(state.into()),
             exit_code,
-            reason.map(String::from),
-        ) {
+            failure_reason: reason.map(String::from),
+            ..StateUpdate::default()
+        };
+        if let Err(e) = self.coordinator.update(job.id, token, update) {
             tracing::debug!(job = job.id, error = ?e, "job state not reported");
         }
     }
@@ -170,13 +173,16 @@ impl BuiltinAgent {
         if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
             return Outcome::SystemFailure(format!("placing the job's files: {e}"));
         }
+        // What an external agent would add itself: where the job runs.
         let mut environment: Vec<(String, String)> = vec![
-            ("CI".into(), "true".into()),
-            ("CI_JOB_ID".into(), job.id.to_string()),
-            ("CI_JOB_NAME".into(), spec.name.clone()),
-            ("CI_JOB_TOKEN".into(), token.to_string()),
+            ("CI_PROJECT_DIR".into(), "/workspace".into()),
+            ("CI_BUILDS_DIR".into(), "/workspace".into()),
         ];
-        environment.extend(spec.variables.iter().map(|(k, v)| (k.clone(), v.clone())));
+        environment.extend(
+            variables::for_job(job, token, &self.server_url, &self.identity())
+                .into_iter()
+                .map(|v| (v.key, v.value)),
+        );
         let script = step_script(&spec.script);
         self.trace(
             job,
@@ -384,7 +390,9 @@ impl BuiltinAgent {
                     // A silent job still has its agent.
                     if last_heartbeat.elapsed() >= HEARTBEAT {
                         last_heartbeat = std::time::Instant::now();
-                        let _ = self.coordinator.update(job.id, token, None, None, None);
+                        let _ = self
+                            .coordinator
+                            .update(job.id, token, StateUpdate::default());
                     }
                 }
             }

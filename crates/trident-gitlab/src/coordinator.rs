@@ -1,10 +1,11 @@
 //! The job queue agents take work from: every job in memory (and in the store), a version
 //! number that long-polling `/jobs/request` calls wait on, traces in files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -17,10 +18,80 @@ const JOB_TOKEN_PREFIX: &str = "glcbt-";
 
 pub struct Coordinator {
     store: Arc<dyn CiStore>,
-    jobs: Mutex<BTreeMap<i64, Job>>,
+    jobs: Mutex<Jobs>,
     /// Bumped whenever a job becomes available; long polls wake on it.
     queue: watch::Sender<u64>,
     traces: PathBuf,
+    /// How long a final update may be held back (202) for a trace that is still incomplete.
+    trace_accept_timeout: Duration,
+}
+
+/// Every job, plus what makes the hot paths cheap: the pending ones by id (oldest first),
+/// so a poll never walks finished jobs, and each running trace's CRC32 so far, so a final
+/// update's checksum never rereads the trace.
+#[derive(Default)]
+struct Jobs {
+    all: BTreeMap<i64, Job>,
+    pending: BTreeSet<i64>,
+    trace_crc: HashMap<i64, crc32fast::Hasher>,
+    /// Final updates answered 202 (the trace was incomplete), since when.
+    held_back: HashMap<i64, Instant>,
+}
+
+impl Jobs {
+    fn get(&self, id: &i64) -> Option<&Job> {
+        self.all.get(id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Job> {
+        self.all.values()
+    }
+
+    /// Records the job's new state in memory, keeping the indexes in step.
+    fn insert(&mut self, id: i64, job: Job) {
+        if job.status == JobStatus::Pending {
+            self.pending.insert(id);
+        } else {
+            self.pending.remove(&id);
+        }
+        if job.status.is_finished() {
+            self.trace_crc.remove(&id);
+            self.held_back.remove(&id);
+        }
+        self.all.insert(id, job);
+    }
+}
+
+/// What a poll gets.
+#[derive(Debug)]
+pub enum Assignment {
+    /// The job, now running for the agent, and its fresh job token.
+    Job(Box<Job>, String),
+    /// Nothing yet; a matching job too young for the agent's `job_age` becomes old enough
+    /// after this long.
+    Nothing(Option<Duration>),
+}
+
+/// What a state update asks for and carries (`PUT /jobs/:id`).
+#[derive(Debug, Default)]
+pub struct StateUpdate {
+    pub state: Option<String>,
+    pub exit_code: Option<i64>,
+    pub failure_reason: Option<String>,
+    /// CRC32 of the whole trace as the agent sent it.
+    pub checksum: Option<u32>,
+    /// The whole trace's size as the agent sent it.
+    pub bytesize: Option<u64>,
+}
+
+/// How a state update went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Taken (200): the job as it is now.
+    Done(Job),
+    /// The trace does not yet match the agent's checksum or size: the final state is held
+    /// back (202) until the trace is complete or `trace_accept_timeout` passes.
+    Accepted(Job),
 }
 
 /// Why an agent's request about a job is refused.
@@ -41,18 +112,22 @@ pub enum TraceError {
 }
 
 impl Coordinator {
-    pub fn new(store: Arc<dyn CiStore>, traces: PathBuf) -> StoreResult<Coordinator> {
+    pub fn new(
+        store: Arc<dyn CiStore>,
+        traces: PathBuf,
+        trace_accept_timeout: Duration,
+    ) -> StoreResult<Coordinator> {
         std::fs::create_dir_all(&traces).map_err(|e| e.to_string())?;
-        let jobs = store
-            .load_jobs()?
-            .into_iter()
-            .map(|job| (job.id, job))
-            .collect();
+        let mut jobs = Jobs::default();
+        for job in store.load_jobs()? {
+            jobs.insert(job.id, job);
+        }
         Ok(Coordinator {
             store,
             jobs: Mutex::new(jobs),
             queue: watch::channel(1).0,
             traces,
+            trace_accept_timeout,
         })
     }
 
@@ -102,7 +177,7 @@ impl Coordinator {
             .collect()
     }
 
-    fn save(&self, jobs: &mut BTreeMap<i64, Job>, job: Job) -> StoreResult<Job> {
+    fn save(&self, jobs: &mut Jobs, job: Job) -> StoreResult<Job> {
         self.store.update_job(&job)?;
         jobs.insert(job.id, job.clone());
         Ok(job)
@@ -123,18 +198,32 @@ impl Coordinator {
         Ok(Some(job))
     }
 
-    /// Hands the oldest matching pending job to `agent`, with a fresh job token.
-    pub fn assign(&self, agent: &RegisteredAgent) -> StoreResult<Option<(Job, String)>> {
+    /// Hands the oldest matching pending job that has waited at least `min_age` (the agent's
+    /// `job_age`) to `agent`, with a fresh job token.
+    pub fn assign(&self, agent: &RegisteredAgent, min_age: Duration) -> StoreResult<Assignment> {
         if agent.paused {
-            return Ok(None);
+            return Ok(Assignment::Nothing(None));
         }
         let mut jobs = self.jobs.lock().unwrap();
-        let Some(mut job) = jobs
-            .values()
-            .find(|j| j.status == JobStatus::Pending && matches(agent, j))
-            .cloned()
-        else {
-            return Ok(None);
+        let now_secs = now();
+        let mut too_young: Option<Duration> = None;
+        let mut chosen = None;
+        for id in &jobs.pending {
+            let job = &jobs.all[id];
+            if !matches(agent, job) {
+                continue;
+            }
+            let age = Duration::from_secs(now_secs.saturating_sub(job.created_at));
+            if age < min_age {
+                let wait = min_age - age;
+                too_young = Some(too_young.map_or(wait, |w| w.min(wait)));
+                continue;
+            }
+            chosen = Some(job.clone());
+            break;
+        }
+        let Some(mut job) = chosen else {
+            return Ok(Assignment::Nothing(too_young));
         };
         let token = tokens::new_token(JOB_TOKEN_PREFIX);
         job.status = JobStatus::Running;
@@ -145,17 +234,13 @@ impl Coordinator {
         if let Some(max) = agent.maximum_timeout {
             job.spec.timeout = job.spec.timeout.min(max.max(0) as u64);
         }
+        jobs.trace_crc.insert(job.id, crc32fast::Hasher::new());
         let job = self.save(&mut jobs, job)?;
-        Ok(Some((job, token)))
+        Ok(Assignment::Job(Box::new(job), token))
     }
 
     /// The running job this job token belongs to.
-    fn authenticate(
-        &self,
-        jobs: &BTreeMap<i64, Job>,
-        id: i64,
-        token: &str,
-    ) -> Result<Job, JobRefusal> {
+    fn authenticate(&self, jobs: &Jobs, id: i64, token: &str) -> Result<Job, JobRefusal> {
         let job = jobs.get(&id).ok_or(JobRefusal::Forbidden)?;
         match &job.token_hash {
             Some(hash) if tokens::same(hash, &tokens::hash(token)) => Ok(job.clone()),
@@ -167,30 +252,107 @@ impl Coordinator {
         }
     }
 
-    /// An agent reports the job's state.
+    /// An agent reports the job's state. A final state that comes with a checksum or size
+    /// the stored trace does not match yet is held back (the agent retries after sending the
+    /// rest of its trace), but not for longer than `trace_accept_timeout`.
     pub fn update(
         &self,
         id: i64,
         token: &str,
-        state: Option<&str>,
-        exit_code: Option<i64>,
-        failure_reason: Option<String>,
-    ) -> Result<Job, JobRefusal> {
+        update: StateUpdate,
+    ) -> Result<UpdateOutcome, JobRefusal> {
         let mut jobs = self.jobs.lock().unwrap();
         let mut job = self.authenticate(&jobs, id, token)?;
         job.last_seen = Some(now());
-        match state {
-            Some("success") => job.status = JobStatus::Success,
-            Some("failed") => job.status = JobStatus::Failed,
-            _ => {}
-        }
-        if job.status.is_finished() {
+        let finished = match update.state.as_deref() {
+            Some("success") => Some(JobStatus::Success),
+            Some("failed") => Some(JobStatus::Failed),
+            _ => None,
+        };
+        if let Some(status) = finished {
+            if self.trace_incomplete(&mut jobs, &job, &update) {
+                let since = *jobs.held_back.entry(id).or_insert_with(Instant::now);
+                if since.elapsed() < self.trace_accept_timeout {
+                    let job = self
+                        .save(&mut jobs, job)
+                        .map_err(|_| JobRefusal::Forbidden)?;
+                    return Ok(UpdateOutcome::Accepted(job));
+                }
+                tracing::warn!(
+                    job = id,
+                    "the trace is still incomplete: the job's final state is taken anyway"
+                );
+            }
+            job.status = status;
             job.finished_at = Some(now());
-            job.exit_code = exit_code.map(|c| c as i32);
-            job.failure_reason = failure_reason;
+            job.exit_code = update.exit_code.map(|c| c as i32);
+            job.failure_reason = update.failure_reason;
             job.token_hash = None;
         }
-        self.save(&mut jobs, job).map_err(|_| JobRefusal::Forbidden)
+        self.save(&mut jobs, job)
+            .map(UpdateOutcome::Done)
+            .map_err(|_| JobRefusal::Forbidden)
+    }
+
+    /// Whether the agent says its trace has bytes the stored one lacks. A trace of the right
+    /// size with another checksum cannot be mended by waiting: it is taken as it is (and
+    /// logged).
+    fn trace_incomplete(&self, jobs: &mut Jobs, job: &Job, update: &StateUpdate) -> bool {
+        if let Some(size) = update.bytesize {
+            if job.trace_size < size {
+                return true;
+            }
+        }
+        let Some(expected) = update.checksum else {
+            return false;
+        };
+        let actual = match jobs.trace_crc.get(&job.id) {
+            Some(hasher) => hasher.clone().finalize(),
+            // Not in memory after a restart: computed once from the file.
+            None => match self.trace_checksum_from_file(job.id) {
+                Ok(hasher) => {
+                    let crc = hasher.clone().finalize();
+                    jobs.trace_crc.insert(job.id, hasher);
+                    crc
+                }
+                Err(e) => {
+                    tracing::warn!(job = job.id, error = %e, "reading the trace for its checksum");
+                    return false;
+                }
+            },
+        };
+        if actual == expected {
+            return false;
+        }
+        if update.bytesize.is_some() {
+            tracing::warn!(
+                job = job.id,
+                expected = format!("{expected:08x}"),
+                actual = format!("{actual:08x}"),
+                "the trace's checksum differs from the agent's"
+            );
+            return false;
+        }
+        true
+    }
+
+    fn trace_checksum_from_file(&self, id: i64) -> std::io::Result<crc32fast::Hasher> {
+        let mut hasher = crc32fast::Hasher::new();
+        match std::fs::File::open(self.trace_path(id)) {
+            Ok(mut file) => {
+                let mut buffer = vec![0; 64 * 1024];
+                loop {
+                    let n = file.read(&mut buffer)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(hasher)
     }
 
     /// Appends a piece of trace that must start where the trace ends.
@@ -215,6 +377,9 @@ impl Coordinator {
             .map_err(|e| TraceError::Io(e.to_string()))?;
         file.write_all(bytes)
             .map_err(|e| TraceError::Io(e.to_string()))?;
+        if let Some(hasher) = jobs.trace_crc.get_mut(&id) {
+            hasher.update(bytes);
+        }
         job.trace_size += bytes.len() as u64;
         job.last_seen = Some(now());
         let size = job.trace_size;
@@ -315,7 +480,7 @@ impl Coordinator {
         self.archive_of(&jobs, id)
     }
 
-    fn archive_of(&self, jobs: &BTreeMap<i64, Job>, id: i64) -> Option<(PathBuf, StoredArtifact)> {
+    fn archive_of(&self, jobs: &Jobs, id: i64) -> Option<(PathBuf, StoredArtifact)> {
         let artifact = jobs.get(&id)?.uploaded_artifacts.get("archive")?.clone();
         Some((self.artifacts_dir(id).join("archive"), artifact))
     }

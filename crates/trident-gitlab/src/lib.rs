@@ -2,10 +2,12 @@
 //! `lib/api/ci/runner.rb` serves it, so that real runner agents (the `gitlab-runner` agent, custom
 //! runners built on the `gitlab-runner` crate) can work for trident.
 //!
-//! So far: agent registration, verification, deletion and token reset; the job queue with
-//! long-polling `/jobs/request`, state updates and traces; trident's jobs API under
-//! `/api/v1/jobs`. Artifacts and the built-in agent are the rest of the issue "GitLab Runner
-//! API v4 coordinator, jobs API and built-in agent".
+//! Agents register, verify, reset their token and unregister (`runners.rs`); they long-poll
+//! `/jobs/request`, report state and stream traces and artifacts (`agent_jobs.rs`) about jobs
+//! that clients submit through trident's jobs API under `/api/v1/jobs` (`client_jobs.rs`). The
+//! queue (`coordinator.rs`) is in memory and in SQLite; traces and artifacts are files. The
+//! built-in agent (`builtin_agent.rs`) takes jobs from the same queue and runs them in the
+//! local sandbox.
 
 mod agent_jobs;
 pub mod builtin_agent;
@@ -16,6 +18,7 @@ mod params;
 mod runners;
 pub mod store;
 pub mod tokens;
+pub mod variables;
 
 use std::sync::Arc;
 use std::time::Duration;

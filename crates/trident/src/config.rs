@@ -77,6 +77,9 @@ pub struct FileConfig {
     max_artifacts_mb: Option<u64>,
     /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
     job_request_poll_seconds: Option<u64>,
+    /// How long a job's final state may wait (202) for the rest of a trace that does not
+    /// match the agent's checksum yet (GitLab: 5 minutes).
+    trace_accept_timeout_seconds: Option<u64>,
     /// Host id of root in the first runner's user namespace (each runner takes 65536 ids);
     /// give each trident instance on a host its own range.
     runner_id_base: Option<u32>,
@@ -154,6 +157,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub runner_id_base: u32,
     pub job_request_poll: Duration,
+    pub trace_accept_timeout: Duration,
     pub builtin_agent: bool,
     pub builtin_agent_tags: Vec<String>,
     pub builtin_agent_concurrency: usize,
@@ -209,6 +213,9 @@ impl Settings {
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
             runner_id_base,
             job_request_poll: Duration::from_secs(file.job_request_poll_seconds.unwrap_or(50)),
+            trace_accept_timeout: Duration::from_secs(
+                file.trace_accept_timeout_seconds.unwrap_or(300),
+            ),
             builtin_agent: !args.no_builtin_agent && file.builtin_agent.unwrap_or(true),
             builtin_agent_tags: args
                 .builtin_agent_tags

@@ -52,8 +52,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let restored = manager.restore().await?;
 
     let coordinator = Arc::new(
-        trident_gitlab::Coordinator::new(store.clone(), data_dir.join("traces"))
-            .map_err(anyhow::Error::msg)?,
+        trident_gitlab::Coordinator::new(
+            store.clone(),
+            data_dir.join("traces"),
+            settings.trace_accept_timeout,
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let sessions = trident_api::Sessions::default();
     let app = trident_api::router(
@@ -76,16 +80,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
     ));
     trident_gitlab::watch_for_lost_agents(&coordinator, settings.job_stale_after);
+    let listener = listener(&settings).await?;
+    let address = listener.local_addr()?;
     if settings.builtin_agent {
         Arc::new(trident_gitlab::builtin_agent::BuiltinAgent {
             manager: manager.clone(),
             coordinator,
             tags: settings.builtin_agent_tags.clone(),
+            server_url: format!("http://{address}"),
         })
         .start(settings.builtin_agent_concurrency);
     }
-    let listener = listener(&settings).await?;
-    let address = listener.local_addr()?;
     tracing::info!(
         "trident listening on http://{address}/api/v1 (native sandbox, {cgroup_version}, cgroup {cgroup_parent}, data dir {}, restored {} environments, {} idle and {} used runners{})",
         data_dir.display(),

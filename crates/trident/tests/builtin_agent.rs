@@ -49,7 +49,8 @@ async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {
     let ok = submit(
         &server,
         json!({"name": "greet", "executionEnvironmentId": 1,
-               "script": ["echo hello $GREETING", "cat input.txt", "id -un"],
+               "script": ["echo hello $GREETING", "cat input.txt", "id -un",
+                          "echo \"job=$CI_JOB_ID url=$CI_JOB_URL dir=$CI_PROJECT_DIR tags=$CI_RUNNER_TAGS\""],
                "afterScript": ["echo cleanup"], "variables": {"GREETING": "world"},
                "files": [{"path": "input.txt", "content": b64("from a file")}]}),
     )
@@ -74,7 +75,12 @@ async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {
     assert_eq!(job["status"], "success", "{job} {trace}");
     assert_eq!(job["exitCode"], 0);
     assert_eq!(job["agentId"], 0, "the built-in agent");
-    for expected in ["hello world", "from a file", "user", "cleanup"] {
+    // The same predefined variables an external agent gets in its payload.
+    let variables = format!(
+        "job={ok} url=http://{}/api/v1/jobs/{ok} dir=/workspace tags=[]",
+        server.address
+    );
+    for expected in ["hello world", "from a file", "user", "cleanup", &variables] {
         assert!(
             trace.contains(expected),
             "{expected} missing from {trace:?}"

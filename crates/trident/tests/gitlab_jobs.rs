@@ -557,3 +557,188 @@ async fn artifacts_are_stored_served_to_dependants_and_expire() {
         .join("archive")
         .exists());
 }
+
+fn crc(text: &str) -> String {
+    format!("crc32:{:08x}", crc32fast::hash(text.as_bytes()))
+}
+
+async fn job_status(server: &Server, id: i64) -> Value {
+    let job: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    job["status"].clone()
+}
+
+/// Takes a fresh job as `agent`: its id and token.
+async fn take(server: &Server, agent: &str, name: &str) -> (i64, String) {
+    let job = submit(server, json!({"name": name, "script": ["true"]})).await;
+    let (status, _, payload) = request_job(server, agent).await;
+    assert_eq!(status, 201);
+    assert_eq!(payload["id"], job["id"]);
+    (
+        payload["id"].as_i64().unwrap(),
+        payload["token"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_update_waits_for_the_whole_trace() {
+    let mut server = Server::start_with(Options {
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 0\nbuiltin_agent: false\ntrace_accept_timeout_seconds: 2\n"
+                .into(),
+        ),
+        ..Options::default()
+    });
+    let agent = register(&server, json!({})).await;
+
+    // The agent says its trace is "hello world" while trident has "hello": 202, the job
+    // keeps running; once the rest arrives the same update is taken (200).
+    let (id, token) = take(&server, &agent, "complete").await;
+    assert_eq!(
+        patch_trace(&server, id, &token, Some("0-4"), "hello")
+            .await
+            .status(),
+        202
+    );
+    let final_update = json!({"token": token, "state": "success", "exit_code": 0,
+                              "output": {"checksum": crc("hello world"), "bytesize": 11}});
+    let r = put_state(&server, id, final_update.clone()).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["job-status"], "running");
+    assert!(r.headers().contains_key("x-gitlab-trace-update-interval"));
+    assert_eq!(job_status(&server, id).await, "running");
+    // A checksum that is not one is refused and changes nothing.
+    for bad in [
+        json!({"token": token, "state": "success", "checksum": "crc32:xyz"}),
+        json!({"token": token, "state": "success", "output": {"bytesize": -1}}),
+        json!({"token": token, "state": "success", "output": "big"}),
+    ] {
+        let r = put_state(&server, id, bad.clone()).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    }
+    assert_eq!(job_status(&server, id).await, "running");
+    assert_eq!(
+        patch_trace(&server, id, &token, Some("5-10"), " world")
+            .await
+            .status(),
+        202
+    );
+    let r = put_state(&server, id, final_update).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["job-status"], "success");
+    assert_eq!(job_status(&server, id).await, "success");
+
+    // The top-level checksum alone, form-encoded the way Grape takes it, without the prefix.
+    let (id, token) = take(&server, &agent, "form").await;
+    patch_trace(&server, id, &token, Some("0-2"), "abc").await;
+    let form = |checksum: String| {
+        server
+            .http
+            .put(v4(&server, &format!("/jobs/{id}")))
+            .form(&[
+                ("token", token.clone()),
+                ("state", "failed".into()),
+                ("checksum", checksum),
+                ("failure_reason", "script_failure".into()),
+            ])
+            .send()
+    };
+    let wrong = format!("{:08x}", crc32fast::hash(b"abcd"));
+    assert_eq!(form(wrong).await.unwrap().status(), 202);
+    let right = format!("{:08x}", crc32fast::hash(b"abc"));
+    assert_eq!(form(right).await.unwrap().status(), 200);
+    let job: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["failureReason"], "script_failure");
+
+    // The whole size arrived but the bytes differ: waiting cannot mend it, so it is taken.
+    let (id, token) = take(&server, &agent, "corrupt").await;
+    patch_trace(&server, id, &token, Some("0-2"), "abc").await;
+    let r = put_state(
+        &server,
+        id,
+        json!({"token": token, "state": "success",
+               "output": {"checksum": crc("xyz"), "bytesize": 3}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+
+    // The rest never comes: after trace_accept_timeout the final state is taken anyway.
+    let (id, token) = take(&server, &agent, "gave-up").await;
+    patch_trace(&server, id, &token, Some("0-2"), "abc").await;
+    let hopeful = json!({"token": token, "state": "success",
+                         "output": {"checksum": crc("abcdef"), "bytesize": 6}});
+    assert_eq!(put_state(&server, id, hopeful.clone()).await.status(), 202);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(put_state(&server, id, hopeful).await.status(), 200);
+    assert_eq!(job_status(&server, id).await, "success");
+
+    // After a restart the checksum comes from the trace file.
+    let (id, token) = take(&server, &agent, "restarted").await;
+    patch_trace(&server, id, &token, Some("0-3"), "abcd").await;
+    server.restart();
+    patch_trace(&server, id, &token, Some("4-5"), "ef").await;
+    let update = |text: &str| json!({"token": token, "state": "success", "checksum": crc(text)});
+    assert_eq!(
+        put_state(&server, id, update("abcdefg")).await.status(),
+        202
+    );
+    assert_eq!(put_state(&server, id, update("abcdef")).await.status(), 200);
+    assert_eq!(job_status(&server, id).await, "success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_age_holds_young_jobs_back() {
+    let server = Server::start_with(Options {
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 40\nbuiltin_agent: false\n".into(),
+        ),
+        ..Options::default()
+    });
+    let patient = register(&server, json!({})).await;
+    let ask = |job_age: Value| {
+        server
+            .http
+            .post(v4(&server, "/jobs/request"))
+            .json(&json!({"token": patient, "job_age": job_age}))
+            .send()
+    };
+    assert_eq!(ask(json!("soon")).await.unwrap().status(), 400);
+
+    let job = submit(&server, json!({"name": "aged", "script": ["true"]})).await;
+    let id = job["id"].as_i64().unwrap();
+    // Too young for an hour's age: the poll holds on and the job stays pending.
+    let held = tokio::time::timeout(std::time::Duration::from_secs(2), ask(json!(3600))).await;
+    assert!(
+        held.is_err(),
+        "answered: {:?}",
+        held.map(|r| r.map(|r| r.status()))
+    );
+    assert_eq!(job_status(&server, id).await, "pending");
+    // Five seconds: nothing else changes in the queue, so only the poll waking up when the
+    // job is old enough answers this well before the 40 s poll ends.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(25), ask(json!(5)))
+        .await
+        .expect("the poll did not wake up when the job came of age")
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], id);
+    let age: Value = server
+        .get(&format!("/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let waited = age["startedAt"].as_u64().unwrap() - age["createdAt"].as_u64().unwrap();
+    assert!(waited >= 4, "taken after {waited} s");
+}
