@@ -60,10 +60,10 @@ pub async fn request(
         Err(e) => return e.into_response(),
     };
     let coordinator = &state.coordinator;
-    let mut queue = coordinator.subscribe();
+    let waiter = coordinator.waiter(&agent);
     let deadline = Instant::now() + state.config.request_poll;
     loop {
-        let version = *queue.borrow_and_update();
+        let version = coordinator.queue_version();
         let mut wake_at = deadline;
         match coordinator.assign(&agent, min_age) {
             Ok(Assignment::Job(job, token)) => {
@@ -106,7 +106,7 @@ pub async fn request(
             );
         }
         tokio::select! {
-            _ = queue.changed() => {}
+            () = waiter.notified() => {}
             () = tokio::time::sleep(wake_at.saturating_duration_since(now)) => {}
         }
     }

@@ -60,14 +60,13 @@ impl BuiltinAgent {
 
     async fn work(self: Arc<Self>) {
         let agent = self.identity();
-        let mut queue = self.coordinator.subscribe();
+        let waiter = self.coordinator.waiter(&agent);
         loop {
-            queue.borrow_and_update();
             match self.coordinator.assign(&agent, Duration::ZERO) {
                 Ok(Assignment::Job(job, token)) => self.run(*job, &token).await,
                 Ok(Assignment::Nothing(_)) => {
                     // Woken by a new job, or after a while in case a wake-up was missed.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), queue.changed()).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), waiter.notified()).await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "built-in agent: taking a job failed");

@@ -1,13 +1,14 @@
-//! The job queue agents take work from: every job in memory (and in the store), a version
-//! number that long-polling `/jobs/request` calls wait on, traces in files.
+//! The job queue agents take work from: every job in memory (and in the store), the polls
+//! waiting for a job, traces in files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::jobs::{now, Job, JobSpec, JobStatus, StoredArtifact};
 use crate::store::{CiStore, RegisteredAgent, StoreResult};
@@ -19,8 +20,12 @@ const JOB_TOKEN_PREFIX: &str = "glcbt-";
 pub struct Coordinator {
     store: Arc<dyn CiStore>,
     jobs: Mutex<Jobs>,
-    /// Bumped whenever a job becomes available; long polls wake on it.
-    queue: watch::Sender<u64>,
+    /// Bumped whenever a job becomes available (GitLab's `X-GitLab-Last-Update`).
+    version: AtomicU64,
+    /// The polls waiting for a job, by waiter id: a new job wakes only those of agents it
+    /// could go to, so thousands of idle agents with other tags cost nothing.
+    waiting: Mutex<HashMap<u64, (RegisteredAgent, Arc<Notify>)>>,
+    next_waiter: AtomicU64,
     traces: PathBuf,
     /// How long a final update may be held back (202) for a trace that is still incomplete.
     trace_accept_timeout: Duration,
@@ -125,18 +130,41 @@ impl Coordinator {
         Ok(Coordinator {
             store,
             jobs: Mutex::new(jobs),
-            queue: watch::channel(1).0,
+            version: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            next_waiter: AtomicU64::new(0),
             traces,
             trace_accept_timeout,
         })
     }
 
     pub fn queue_version(&self) -> u64 {
-        *self.queue.borrow()
+        self.version.load(Ordering::SeqCst)
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.queue.subscribe()
+    /// Registers a poll of `agent` for jobs: its `notified()` completes when a job it could
+    /// take is queued, also when that happened after registering but before waiting. Wait
+    /// first, then look (`assign`), so that no job slips between the two.
+    pub fn waiter(self: &Arc<Self>, agent: &RegisteredAgent) -> Waiter {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        self.waiting
+            .lock()
+            .unwrap()
+            .insert(id, (agent.clone(), notify.clone()));
+        Waiter {
+            coordinator: self.clone(),
+            id,
+            notify,
+        }
+    }
+
+    fn wake_waiters_for(&self, job: &Job) {
+        for (agent, notify) in self.waiting.lock().unwrap().values() {
+            if !agent.paused && matches(agent, job) {
+                notify.notify_one();
+            }
+        }
     }
 
     pub fn submit(&self, spec: JobSpec) -> StoreResult<Job> {
@@ -159,7 +187,8 @@ impl Coordinator {
         job.id = self.store.insert_job(&job)?;
         jobs.insert(job.id, job.clone());
         drop(jobs);
-        self.queue.send_modify(|v| *v += 1);
+        self.version.fetch_add(1, Ordering::SeqCst);
+        self.wake_waiters_for(&job);
         Ok(job)
     }
 
@@ -524,6 +553,25 @@ impl Coordinator {
 
     fn trace_path(&self, id: i64) -> PathBuf {
         self.traces.join(format!("{id}.log"))
+    }
+}
+
+/// A poll waiting for a job; unregistered when dropped.
+pub struct Waiter {
+    coordinator: Arc<Coordinator>,
+    id: u64,
+    notify: Arc<Notify>,
+}
+
+impl Waiter {
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.coordinator.waiting.lock().unwrap().remove(&self.id);
     }
 }
 

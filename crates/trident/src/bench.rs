@@ -1,5 +1,6 @@
 //! `trident bench`: measures a running server end to end over HTTP and WebSocket, and a bare
 //! fork+exec on this machine in the same run, so that the ratios mean something on a noisy box.
+//! `--suite jobs` measures the GitLab Runner API side (see `bench_jobs.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -27,11 +28,28 @@ pub struct BenchArgs {
     /// Image of that environment
     #[arg(long, default_value = "host")]
     image: String,
+    /// What to measure: the sandbox (claims, files, executions), jobs (the GitLab Runner API:
+    /// pickup latency, idle pollers, traces), or all
+    #[arg(long, value_enum, default_value_t = Suite::All)]
+    suite: Suite,
+    /// The server's registration token, for the jobs suite's agents
+    #[arg(long, env = "TRIDENT_REGISTRATION_TOKEN", hide_env_values = true)]
+    registration_token: Option<String>,
+    /// Agents long-polling for jobs that never come, during the jobs suite
+    #[arg(long, default_value_t = 1000)]
+    idle_agents: usize,
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Suite {
+    Sandbox,
+    Jobs,
+    All,
+}
+
+pub(crate) struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
     token: Option<String>,
 }
 
@@ -46,7 +64,7 @@ impl Client {
         }
     }
 
-    async fn call(
+    pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -104,9 +122,19 @@ impl Client {
     }
 }
 
-struct Row {
-    name: &'static str,
+pub(crate) struct Row {
+    name: String,
     samples: Vec<Duration>,
+}
+
+impl Row {
+    pub fn new(name: &str, samples: Vec<Duration>) -> Row {
+        Row::new_owned(name.to_string(), samples)
+    }
+
+    pub fn new_owned(name: String, samples: Vec<Duration>) -> Row {
+        Row { name, samples }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -119,38 +147,68 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Idle agents need a socket each.
+    crate::raise_open_files_limit();
     let client = Client {
-        http: reqwest::Client::new(),
+        // Many idle agents each hold a connection.
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(args.idle_agents + 16)
+            .build()?,
         base: args.url.trim_end_matches('/').to_string(),
         token: args.token.clone(),
     };
-    let env = args.environment;
     let n = args.iterations.max(1);
-    let pool = 4;
-    client
-        .call(
-            reqwest::Method::PUT,
-            &format!("/execution-environments/{env}"),
-            json!({"id": env, "image": args.image, "prewarmingPoolSize": pool, "cpuLimit": 0,
-                   "memoryLimit": 512, "networkAccess": false, "exposedPorts": []}),
-        )
-        .await?;
-    let result = measure(&client, env, n).await;
-    let _ = client
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/execution-environments/{env}"),
-            Value::Null,
-        )
-        .await;
-    let rows = result?;
+    if args.suite != Suite::Jobs {
+        let env = args.environment;
+        client
+            .call(
+                reqwest::Method::PUT,
+                &format!("/execution-environments/{env}"),
+                json!({"id": env, "image": args.image, "prewarmingPoolSize": 4, "cpuLimit": 0,
+                       "memoryLimit": 512, "networkAccess": false, "exposedPorts": []}),
+            )
+            .await?;
+        let result = measure(&client, env, n).await;
+        let _ = client
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/execution-environments/{env}"),
+                Value::Null,
+            )
+            .await;
+        print_table(
+            &format!("trident bench (sandbox): {n} iterations against {}", args.url),
+            &result?,
+            "ratios against a bare fork+exec of /bin/true on this machine, measured in the same run",
+        );
+    }
+    if args.suite != Suite::Sandbox {
+        let Some(registration_token) = args.registration_token.as_deref() else {
+            bail!("the jobs suite registers agents: give --registration-token (the server's)");
+        };
+        let jobs = crate::bench_jobs::JobsBench {
+            client: &client,
+            registration_token,
+            iterations: n,
+            idle_agents: args.idle_agents,
+        };
+        let (rows, throughput) = jobs.measure().await?;
+        print_table(
+            &format!("trident bench (jobs): {n} iterations against {}", args.url),
+            &rows,
+            "ratios against the plain HTTP round trip of the first row, measured in the same run",
+        );
+        for t in throughput {
+            println!("{:<56} {:>12.1} {}", t.name, t.value, t.unit);
+        }
+    }
+    Ok(())
+}
 
+fn print_table(title: &str, rows: &[Row], ratio_note: &str) {
+    println!("{title} (times in ms)");
     println!(
-        "trident bench: {n} iterations against {} (times in ms)",
-        args.url
-    );
-    println!(
-        "{:<44} {:>9} {:>9} {:>9} {:>12}",
+        "{:<48} {:>9} {:>9} {:>9} {:>12}",
         "operation", "p50", "p99", "mean", "p50 ratio"
     );
     let baseline = {
@@ -158,13 +216,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         s.sort();
         percentile(&s, 0.5)
     };
-    for row in &rows {
+    for row in rows {
         let mut s = row.samples.clone();
         s.sort();
         let mean = s.iter().sum::<Duration>() / s.len() as u32;
         let p50 = percentile(&s, 0.5);
         println!(
-            "{:<44} {:>9} {:>9} {:>9} {:>11.1}x",
+            "{:<48} {:>9} {:>9} {:>9} {:>11.1}x",
             row.name,
             ms(p50),
             ms(percentile(&s, 0.99)),
@@ -172,10 +230,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             p50.as_secs_f64() / baseline.as_secs_f64()
         );
     }
-    println!(
-        "(ratios against a bare fork+exec of /bin/true on this machine, measured in the same run)"
-    );
-    Ok(())
+    println!("({ratio_note})\n");
 }
 
 async fn measure(client: &Client, env: u64, n: usize) -> anyhow::Result<Vec<Row>> {
@@ -257,21 +312,9 @@ async fn measure(client: &Client, env: u64, n: usize) -> anyhow::Result<Vec<Row>
         .await?;
 
     Ok(vec![
-        Row {
-            name: "baseline: fork+exec /bin/true (local)",
-            samples: baseline,
-        },
-        Row {
-            name: "POST /runners (claim from a warm pool)",
-            samples: claims,
-        },
-        Row {
-            name: "PATCH /files (delete dir + 10 small files)",
-            samples: patches,
-        },
-        Row {
-            name: "execute round trip (POST+WebSocket+`true`)",
-            samples: executions,
-        },
+        Row::new("baseline: fork+exec /bin/true (local)", baseline),
+        Row::new("POST /runners (claim from a warm pool)", claims),
+        Row::new("PATCH /files (delete dir + 10 small files)", patches),
+        Row::new("execute round trip (POST+WebSocket+`true`)", executions),
     ])
 }

@@ -2,6 +2,7 @@
 //! table), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that the native sandbox re-executes for each runner.
 
 mod bench;
+mod bench_jobs;
 mod config;
 mod serve;
 mod ws;
@@ -25,7 +26,8 @@ struct Cli {
 enum Command {
     /// Serve the Poseidon API v1 on the native sandbox.
     Serve(config::ServeArgs),
-    /// Measure a running server: runner claim, file copy, execute round trip.
+    /// Measure a running server: runner claim, file copy, execute round trip; job pickup,
+    /// idle agents, trace appends.
     Bench(bench::BenchArgs),
     /// Connect to an execution's WebSocket URL and print its messages (stdin lines are sent).
     Ws(ws::WsArgs),
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = config::Settings::resolve(args)?;
             init_logging(&settings.log);
+            raise_open_files_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -61,6 +64,16 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(bench::run(args))
         }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: a server holding thousands of agents'
+/// long polls needs a socket for each, and the usual soft limit is 1024. (Executions get
+/// their own, low limit from the sandbox.)
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
