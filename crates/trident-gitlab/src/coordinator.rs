@@ -315,7 +315,14 @@ impl Coordinator {
             job.status = status;
             job.finished_at = Some(now());
             job.exit_code = update.exit_code.map(|c| c as i32);
-            job.failure_reason = update.failure_reason;
+            // Like GitLab: a failure without a reason is an `unknown_failure`, and a
+            // success has none.
+            job.failure_reason = match status {
+                JobStatus::Failed => update
+                    .failure_reason
+                    .or_else(|| Some("unknown_failure".into())),
+                _ => None,
+            };
             job.token_hash = None;
         }
         self.save(&mut jobs, job)
