@@ -183,12 +183,6 @@ impl BuiltinAgent {
                 .map(|v| (v.key, v.value)),
         );
         let script = step_script(&spec.script);
-        self.trace(
-            job,
-            token,
-            size,
-            &format!("$ {}\n", spec.script.join("\n$ ")),
-        );
         let outcome = self
             .execute(
                 job,
@@ -407,6 +401,52 @@ enum Outcome {
 }
 
 /// One shell script of a step: stops at the first failing line, as GitLab's does.
+/// One step's shell script. Like GitLab's shell executor, each command is announced as
+/// `$ command` right before it runs, from inside the script, so that the trace shows every
+/// command next to its own output; a multi-line command is announced by its first line.
 fn step_script(lines: &[String]) -> String {
-    format!("set -eo pipefail\n{}", lines.join("\n"))
+    // pipefail where the shell has it (bash, busybox; not dash).
+    let mut script = String::from("set -e\n(set -o pipefail) 2>/dev/null && set -o pipefail\n");
+    for line in lines {
+        let shown = match line.split_once('\n') {
+            Some((first, _)) => format!("$ {first} # collapsed multi-line command"),
+            None => format!("$ {line}"),
+        };
+        script.push_str(&format!("printf '%s\\n' {}\n", shell_quote(&shown)));
+        script.push_str(line);
+        script.push('\n');
+    }
+    script
+}
+
+/// Single-quotes `text` for a POSIX shell.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_script;
+
+    #[test]
+    fn each_command_is_announced_right_before_it_runs() {
+        let script = step_script(&[
+            "echo 'it''s' \"$HOME\"".into(),
+            "for i in 1 2\ndo echo $i; done".into(),
+        ]);
+        for shell in ["bash", "sh"] {
+            let output = std::process::Command::new(shell)
+                .arg("-c")
+                .arg(&script)
+                .env("HOME", "/home/x")
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(output.stdout).unwrap(),
+                "$ echo 'it''s' \"$HOME\"\nits /home/x\n\
+                 $ for i in 1 2 # collapsed multi-line command\n1\n2\n",
+                "{shell}"
+            );
+        }
+    }
 }

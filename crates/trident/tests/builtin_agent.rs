@@ -92,9 +92,10 @@ async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {
     assert_eq!(job["status"], "failed");
     assert_eq!(job["exitCode"], 1);
     assert_eq!(job["failureReason"], "script_failure");
+    // Like GitLab's shell: each command shown right before its output, nothing after the
+    // failing one.
     assert!(
-        // The command echo shows "$ echo never"; its output never comes.
-        trace.contains("before\r\n") && !trace.contains("never\r\n"),
+        trace.ends_with("$ echo before\r\nbefore\r\n$ false\r\n"),
         "{trace:?}"
     );
 
@@ -260,4 +261,119 @@ async fn artifacts_flow_from_a_job_to_the_jobs_that_depend_on_it() {
             .status(),
         404
     );
+}
+
+/// A zip an agent uploads is stored and served byte for byte and never unpacked on the
+/// host; when the built-in agent hands it to a dependant, entries that would leave the
+/// workspace (`../`, absolute) and symlinks are left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_artifacts_are_kept_as_sent_and_never_unpacked_on_the_host() {
+    use std::io::Write;
+    let server = Server::start_with(common::Options {
+        config_yaml: Some("registration_token: reg\njob_request_poll_seconds: 0\n".into()),
+        ..common::Options::default()
+    });
+    server.put_environment(4, 1, 256).await;
+    let v4 = |path: &str| format!("http://{}/api/v4{path}", server.address);
+
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (name, text) in [
+        ("../../escape-trident-test.txt", "out"),
+        ("/escape-trident-test.txt", "abs"),
+        ("ok.txt", "fine"),
+    ] {
+        zip.start_file(name, options).unwrap();
+        zip.write_all(text.as_bytes()).unwrap();
+    }
+    zip.add_symlink("link", "/etc/shadow", options).unwrap();
+    let hostile = zip.finish().unwrap().into_inner();
+
+    // An external agent (tagged, so the built-in agent leaves the job alone) uploads it.
+    let r = server
+        .http
+        .post(v4("/runners"))
+        .json(&json!({"token": "reg", "tag_list": ["external"], "run_untagged": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let agent = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let build = submit(
+        &server,
+        json!({"name": "hostile", "tags": ["external"], "script": ["true"],
+               "artifacts": {"paths": ["*"]}}),
+    )
+    .await;
+    let r = server
+        .http
+        .post(v4("/jobs/request"))
+        .json(&json!({"token": agent}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(hostile.clone()).file_name("artifacts.zip"),
+        )
+        .text("artifact_type", "archive")
+        .text("artifact_format", "zip");
+    let r = server
+        .http
+        .post(v4(&format!("/jobs/{build}/artifacts")))
+        .header("JOB-TOKEN", &token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = server
+        .http
+        .put(v4(&format!("/jobs/{build}")))
+        .json(&json!({"token": token, "state": "success"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let served = server.get(&format!("/jobs/{build}/artifacts")).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.bytes().await.unwrap().as_ref(), hostile.as_slice());
+
+    // The built-in agent gives a dependant only what stays inside its workspace.
+    let test = submit(
+        &server,
+        json!({"name": "test", "executionEnvironmentId": 4, "dependencies": [build],
+               "script": ["cat ok.txt", "test ! -e link", "test ! -e ../escape-trident-test.txt",
+                          "test ! -e /escape-trident-test.txt", "ls -A | wc -l"]}),
+    )
+    .await;
+    let (job, trace) = wait_finished(&server, test).await;
+    assert_eq!(job["status"], "success", "{trace}");
+    assert!(trace.contains("fine"), "{trace:?}");
+    assert!(
+        trace.contains("\n1\r\n"),
+        "only ok.txt in the workspace: {trace:?}"
+    );
+
+    // Nothing was written on the host, wherever a careless unpacker would have put it.
+    let tmp = server.data_dir.parent().unwrap();
+    for dir in [
+        std::path::Path::new("/"),
+        tmp,
+        &server.data_dir,
+        &server.data_dir.join("artifacts"),
+    ] {
+        assert!(!dir.join("escape-trident-test.txt").exists(), "{dir:?}");
+        assert!(!dir.join("link").exists(), "{dir:?}");
+    }
 }
