@@ -95,7 +95,16 @@ pub async fn request(
                     wake_at = wake_at.min(Instant::now() + wait);
                 }
             }
-            Err(e) => return Refusal::Internal(e).into_response(),
+            // GitLab's 409: the job could not be given to this agent (here: storing the
+            // assignment failed), it stays queued, and the agent asks again.
+            Err(e) => {
+                tracing::warn!(agent = agent.id, "could not store a job assignment: {e}");
+                return (
+                    StatusCode::CONFLICT,
+                    Json(json!({"message": "409 Conflict: the job could not be assigned, ask again"})),
+                )
+                    .into_response();
+            }
         }
         let now = Instant::now();
         if now >= deadline {

@@ -263,8 +263,9 @@ impl Coordinator {
         if let Some(max) = agent.maximum_timeout {
             job.spec.timeout = job.spec.timeout.min(max.max(0) as u64);
         }
-        jobs.trace_crc.insert(job.id, crc32fast::Hasher::new());
+        // Stored first: if that fails the job is still pending, in memory as on disk.
         let job = self.save(&mut jobs, job)?;
+        jobs.trace_crc.insert(job.id, crc32fast::Hasher::new());
         Ok(Assignment::Job(Box::new(job), token))
     }
 

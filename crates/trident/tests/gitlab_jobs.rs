@@ -742,3 +742,37 @@ async fn job_age_holds_young_jobs_back() {
     let waited = age["startedAt"].as_u64().unwrap() - age["createdAt"].as_u64().unwrap();
     assert!(waited >= 4, "taken after {waited} s");
 }
+
+/// GitLab answers 409 when a job cannot be given to the agent that asked; trident does
+/// when it cannot store the assignment. The job stays queued and the next request gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_that_cannot_be_stored_is_a_conflict_and_the_job_stays_queued() {
+    let server = Server::start_with(Options {
+        config_yaml: Some(
+            "registration_token: reg\njob_request_poll_seconds: 0\nbuiltin_agent: false\n".into(),
+        ),
+        ..Options::default()
+    });
+    let agent = register(&server, json!({})).await;
+    let id = submit(&server, json!({"name": "x", "script": ["true"]})).await["id"]
+        .as_i64()
+        .unwrap();
+
+    // Make the database refuse to mark any job running (a real SQLite failure).
+    let db = rusqlite::Connection::open(server.data_dir.join("trident.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_assignments BEFORE UPDATE ON ci_jobs
+         WHEN json_extract(NEW.record, '$.status') = 'running'
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    let (status, _, body) = request_job(&server, &agent).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(job_status(&server, id).await, "pending");
+
+    db.execute_batch("DROP TRIGGER refuse_assignments").unwrap();
+    let (status, _, payload) = request_job(&server, &agent).await;
+    assert_eq!(status, 201);
+    assert_eq!(payload["id"], id);
+    assert_eq!(job_status(&server, id).await, "running");
+}
