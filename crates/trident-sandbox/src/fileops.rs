@@ -202,7 +202,7 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), FileOpError> {
             make_dirs(parent)?;
         }
         write_file(&target, &content)
-            .map_err(|e| FileOpError::Failed(format!("cannot write {}: {e}", file.path)))?;
+            .map_err(|e| refused(format!("cannot write {}", file.path), e))?;
     }
     Ok(())
 }
@@ -228,11 +228,30 @@ fn make_dirs(path: &Path) -> Result<(), FileOpError> {
         }
         fs::create_dir(&current)
             .and_then(|()| fs::set_permissions(&current, fs::Permissions::from_mode(0o1777)))
-            .map_err(|e| {
-                FileOpError::Failed(format!("cannot create {}: {e}", current.display()))
-            })?;
+            .map_err(|e| refused(format!("cannot create {}", current.display()), e))?;
     }
     Ok(())
+}
+
+/// A copy the runner's file system refuses because of what the request asks (a path
+/// through a file, a read-only or image directory, a directory in the way) is the client's
+/// error (400); anything else, a full disk included, is the server's.
+fn refused(what: String, e: io::Error) -> FileOpError {
+    match e.raw_os_error() {
+        Some(
+            libc::EACCES
+            | libc::EPERM
+            | libc::EROFS
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::EEXIST
+            | libc::ENOENT
+            | libc::EINVAL
+            | libc::ENAMETOOLONG
+            | libc::ELOOP,
+        ) => FileOpError::Invalid(format!("{what}: {e}")),
+        _ => FileOpError::Failed(format!("{what}: {e}")),
+    }
 }
 
 /// Writes a root-owned 0744 file; a symlink in its place is replaced, never followed.

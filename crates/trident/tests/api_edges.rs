@@ -126,6 +126,38 @@ async fn bad_requests_are_refused_clearly_and_change_nothing() {
             r#"{"copy":"nope"}"#,
             400,
         ),
+        // Paths the runner's file system refuses: through a file, over a directory, into
+        // read-only or image directories.
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"keep.txt/inside","content":""}]}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"keep.txt/sub/","content":""}]}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"/workspace","content":""}]}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"/sys/planted","content":""}]}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"/usr/bin/planted","content":""}]}"#,
+            400,
+        ),
     ];
     for (method, path, body, expected) in cases {
         let (status, message) =
