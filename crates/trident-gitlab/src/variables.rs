@@ -76,6 +76,9 @@ pub fn for_job(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent
             agent.description.clone().unwrap_or_default(),
         ),
         public("CI_RUNNER_TAGS", tags),
+        // Jobs have no repository: without this the Go agent would try to clone the empty
+        // `git_info.repo_url` before the script. A job's own variables may still override it.
+        public("GIT_STRATEGY", "none"),
     ];
     if let Some(image) = &spec.image {
         variables.push(public("CI_JOB_IMAGE", image.clone()));
@@ -150,6 +153,7 @@ mod tests {
         assert_eq!(value(&v, "CI_JOB_TIMEOUT"), Some("600"));
         assert_eq!(value(&v, "CI_JOB_IMAGE"), Some("python:3.12"));
         assert_eq!(value(&v, "CI_RUNNER_TAGS"), Some(r#"["linux","big"]"#));
+        assert_eq!(value(&v, "GIT_STRATEGY"), Some("none"));
         // The job's own definition comes last, so it wins.
         assert_eq!(value(&v, "CI_JOB_STAGE"), Some("deploy"));
         let token = v.iter().find(|v| v.key == "CI_JOB_TOKEN").unwrap();

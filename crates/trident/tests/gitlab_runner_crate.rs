@@ -316,7 +316,7 @@ async fn the_crate_runs_a_job_and_a_dependant_gets_its_artifacts() {
 
     let build = submit(
         &server,
-        json!({"name": "build", "script": ["echo greeting: $GREETING", "echo job $CI_JOB_ID",
+        json!({"name": "build", "script": ["echo greeting: $GREETING", "echo job $CI_JOB_ID git $GIT_STRATEGY",
                                            "write out/report.txt all green",
                                            "write scratch.txt not an artifact"],
                "afterScript": ["echo after $GREETING"], "variables": {"GREETING": "hello"},
@@ -329,7 +329,7 @@ async fn the_crate_runs_a_job_and_a_dependant_gets_its_artifacts() {
     assert_eq!(
         trace,
         format!(
-            "$ echo greeting: $GREETING\ngreeting: hello\n$ echo job $CI_JOB_ID\njob {build}\n\
+            "$ echo greeting: $GREETING\ngreeting: hello\n$ echo job $CI_JOB_ID git $GIT_STRATEGY\njob {build} git none\n\
              $ write out/report.txt all green\n$ write scratch.txt not an artifact\n\
              $ echo after $GREETING\nafter hello\n"
         )
