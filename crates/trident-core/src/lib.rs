@@ -12,6 +12,8 @@ pub mod execution;
 pub mod manager;
 pub mod model;
 pub mod store;
+#[cfg(test)]
+mod testing;
 mod utf8;
 
 pub use error::{Error, Result};

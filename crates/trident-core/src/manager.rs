@@ -75,6 +75,9 @@ struct State {
 
 struct Pool {
     env: ExecutionEnvironment,
+    /// Unique to this pool: an environment deleted and created again gets a new pool, and
+    /// creations still in flight for the old one must not count against the new one.
+    incarnation: u64,
     /// Bumped whenever the shape of runners changes; older runners are discarded.
     generation: u64,
     idle: VecDeque<Arc<Runner>>,
@@ -402,7 +405,14 @@ impl Manager {
     ) -> Result<Arc<Runner>> {
         let inner = &self.inner;
         let deadline = tokio::time::Instant::now() + inner.config.claim_wait;
-        let mut registered = false;
+        // The pool this claim counts as waiting in (by incarnation: the environment may be
+        // deleted and created again meanwhile, and the new pool owes this claim nothing).
+        let mut registered: Option<u64> = None;
+        let unregister = |pool: &mut Pool, registered: &mut Option<u64>| {
+            if registered.take() == Some(pool.incarnation) {
+                pool.waiting -= 1;
+            }
+        };
         let result = loop {
             let notified = {
                 let mut state = lock(inner);
@@ -411,17 +421,15 @@ impl Manager {
                 };
                 if let Some(runner) = pool.idle.pop_front() {
                     pool.used += 1;
-                    if registered {
-                        pool.waiting -= 1;
-                        registered = false;
-                    }
+                    unregister(pool, &mut registered);
                     state.used.insert(runner.id.clone(), runner.clone());
                     inner.reconcile(&mut state, env_id);
                     break Ok(runner);
                 }
-                if !registered {
+                if registered != Some(pool.incarnation) {
+                    unregister(pool, &mut registered);
                     pool.waiting += 1;
-                    registered = true;
+                    registered = Some(pool.incarnation);
                     inner.reconcile(&mut state, env_id);
                 }
                 let pool = state.pools.get(&env_id).expect("present");
@@ -434,10 +442,10 @@ impl Manager {
                 )));
             }
         };
-        if registered {
+        if registered.is_some() {
             let mut state = lock(inner);
             if let Some(pool) = state.pools.get_mut(&env_id) {
-                pool.waiting -= 1;
+                unregister(pool, &mut registered);
                 inner.reconcile(&mut state, env_id);
             }
         }
@@ -623,10 +631,14 @@ fn file_error(e: BackendError) -> Error {
     }
 }
 
+/// Numbers pools over the life of the process.
+static POOL_INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Pool {
     fn new(env: ExecutionEnvironment) -> Pool {
         Pool {
             env,
+            incarnation: POOL_INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             generation: 0,
             idle: VecDeque::new(),
             creating: 0,
@@ -636,6 +648,19 @@ impl Pool {
             consecutive_failures: 0,
             available: Arc::new(Notify::new()),
         }
+    }
+}
+
+/// Which pool, in which shape, a runner creation is for.
+#[derive(Debug, Clone, Copy)]
+struct Creation {
+    incarnation: u64,
+    generation: u64,
+}
+
+impl Creation {
+    fn is_for(&self, pool: &Pool) -> bool {
+        pool.incarnation == self.incarnation
     }
 }
 
@@ -658,22 +683,26 @@ impl Inner {
         }
         while pool.idle.len() + (pool.creating as usize) < want {
             pool.creating += 1;
-            let generation = pool.generation;
+            let creation = Creation {
+                incarnation: pool.incarnation,
+                generation: pool.generation,
+            };
             let env = pool.env.clone();
             self.background
-                .spawn(self.clone().create_runner(env, generation));
+                .spawn(self.clone().create_runner(env, creation));
         }
     }
 
-    async fn create_runner(self: Arc<Self>, env: ExecutionEnvironment, generation: u64) {
+    async fn create_runner(self: Arc<Self>, env: ExecutionEnvironment, creation: Creation) {
         let env_id = env.id;
+        let generation = creation.generation;
         let permit = self.creation_slots.acquire().await;
         let still_wanted = {
             let state = lock(&self);
             state
                 .pools
                 .get(&env_id)
-                .is_some_and(|p| p.generation == generation)
+                .is_some_and(|p| creation.is_for(p) && p.generation == generation)
         };
         let created = if still_wanted {
             let runner_id = format!("{env_id}-{}", uuid::Uuid::new_v4());
@@ -702,7 +731,9 @@ impl Inner {
         drop(permit);
 
         let mut state = lock(&self);
-        let Some(pool) = state.pools.get_mut(&env_id) else {
+        // The pool it was made for may be gone, or replaced by a new pool of the same id
+        // (whose own creations are counted apart).
+        let Some(pool) = state.pools.get_mut(&env_id).filter(|p| creation.is_for(p)) else {
             if let Some(Ok(runner)) = created {
                 self.destroy_in_background(runner, RunnerEnd::Deleted);
             }
@@ -737,7 +768,9 @@ impl Inner {
                     if let Some(inner) = weak.upgrade() {
                         let mut state = lock(&inner);
                         if let Some(pool) = state.pools.get_mut(&env_id) {
-                            pool.retry_at = None;
+                            if creation.is_for(pool) {
+                                pool.retry_at = None;
+                            }
                         }
                         inner.reconcile(&mut state, env_id);
                     }
@@ -800,5 +833,146 @@ async fn inactivity_timer(inner: std::sync::Weak<Inner>, runner: Arc<Runner>) {
         tracing::info!(runner = %runner.id, "inactivity timeout: destroying runner");
         inner.release(&runner);
         inner.destroy(runner, RunnerEnd::InactivityTimeout).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{MemoryStore, RecordingBackend};
+
+    fn environment(id: EnvironmentId, pool: u32, memory_mb: u32) -> ExecutionEnvironment {
+        ExecutionEnvironment {
+            id,
+            image: "host".into(),
+            prewarming_pool_size: pool,
+            cpu_limit: 20,
+            memory_limit: memory_mb,
+            network_access: false,
+            exposed_ports: Vec::new(),
+        }
+    }
+
+    /// xorshift64: a seeded, repeatable sequence without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn manager(backend: Arc<RecordingBackend>) -> Manager {
+        Manager::new(
+            backend,
+            Arc::new(MemoryStore::default()),
+            ManagerConfig {
+                claim_wait: Duration::from_millis(30),
+                ..ManagerConfig::default()
+            },
+        )
+    }
+
+    /// Waits until every pool holds exactly its size, nothing is being made, and the backend
+    /// holds exactly the runners the manager knows of.
+    async fn settled(
+        manager: &Manager,
+        backend: &RecordingBackend,
+    ) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = manager.statistics();
+            let pools_full = stats
+                .iter()
+                .all(|s| s.idle_runners == s.prewarming_pool_size);
+            let known: u32 = stats.iter().map(|s| s.idle_runners + s.used_runners).sum();
+            let creating: u32 = lock(&manager.inner)
+                .pools
+                .values()
+                .map(|p| p.creating)
+                .sum();
+            let live = backend.live.lock().unwrap().len() as u32;
+            if pools_full && creating == 0 && live == known {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not settled: {stats:?}, creating {creating}, live {live}, known {known}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Four clients issue seeded random PUTs (pool 0–3, sometimes a new shape), DELETEs,
+    /// claims and runner deletions over three environments at once; afterwards every pool
+    /// must hold exactly its size, with no runner lost or leaked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn interleaved_operations_leave_every_pool_at_its_size() {
+        for seed in 1..=8u64 {
+            let backend = Arc::new(RecordingBackend::with_seed(seed));
+            let manager = manager(backend.clone());
+            let mut clients = tokio::task::JoinSet::new();
+            for client in 0..4u64 {
+                let manager = manager.clone();
+                clients.spawn(async move {
+                    let mut rng = Rng(seed * 7919 + client * 104_729 + 1);
+                    let mut held: Vec<String> = Vec::new();
+                    for _ in 0..200 {
+                        let id = rng.below(3);
+                        match rng.below(4) {
+                            0 => {
+                                let memory = if rng.below(4) == 0 { 128 } else { 256 };
+                                let env = environment(id, rng.below(4) as u32, memory);
+                                let _ = manager.put_environment(env);
+                            }
+                            1 => {
+                                let _ = manager.delete_environment(id);
+                            }
+                            2 => {
+                                if let Ok(runner) = manager.claim_runner(id, Duration::ZERO).await {
+                                    held.push(runner.id.clone());
+                                }
+                            }
+                            _ => {
+                                if let Some(runner) = held.pop() {
+                                    let _ = manager.delete_runner(&runner).await;
+                                }
+                            }
+                        }
+                        if rng.below(3) == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    held
+                });
+            }
+            let mut held = Vec::new();
+            while let Some(result) = clients.join_next().await {
+                held.extend(result.unwrap());
+            }
+            settled(&manager, &backend)
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}, runners still held: {e}"));
+            for runner in held {
+                let _ = manager.delete_runner(&runner).await;
+            }
+            settled(&manager, &backend)
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}, after deleting held runners: {e}"));
+            // Every pool still refills: a claim is answered, and the pool is full again.
+            for env in manager.environments() {
+                if env.prewarming_pool_size > 0 {
+                    let runner = manager.claim_runner(env.id, Duration::ZERO).await.unwrap();
+                    manager.delete_runner(&runner.id).await.unwrap();
+                }
+            }
+            settled(&manager, &backend)
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}, after a claim per pool: {e}"));
+        }
     }
 }
