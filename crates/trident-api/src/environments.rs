@@ -1,6 +1,8 @@
 //! `/execution-environments`: list, get, create-or-replace, delete.
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -8,7 +10,7 @@ use serde_json::json;
 use trident_core::model::{EnvironmentId, ExecutionEnvironment};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{query_bool, JsonBody};
 use crate::AppState;
 
 /// A path id: not a number at all is an unknown route (404); a number too large is a bad
@@ -24,8 +26,16 @@ pub fn parse_environment_id(raw: &str) -> ApiResult<EnvironmentId> {
         .map_err(|_| ApiError::bad_request(format!("execution environment id {raw} is too large")))
 }
 
-pub async fn list(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "executionEnvironments": state.manager.environments() }))
+/// `?fetch=` asks the reference to refresh its list from its scheduler first; trident's list
+/// is always current, but the parameter is still checked as the reference checks it.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    query_bool(&query, "fetch", false)?;
+    Ok(Json(
+        json!({ "executionEnvironments": state.manager.environments() }),
+    ))
 }
 
 pub async fn get(

@@ -39,7 +39,10 @@ impl From<Error> for ApiError {
             // 410, never 404: it is the client's only signal to claim a new runner.
             Error::RunnerNotFound(_) => (StatusCode::GONE, None),
             Error::Overloaded(_) => (StatusCode::INTERNAL_SERVER_ERROR, Some("NOMAD_OVERLOAD")),
+            Error::TooManyPending(_) => (StatusCode::TOO_MANY_REQUESTS, None),
             Error::FileUnavailable(_) => (StatusCode::FAILED_DEPENDENCY, None),
+            // As the reference's failed `tar` run.
+            Error::FileCopyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, Some("UNKNOWN")),
             Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("NOMAD_INTERNAL_SERVER_ERROR"),

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use trident_core::model::FileCopy;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{query_bool, JsonBody};
+use crate::extract::{list_of_objects, query_bool, JsonBody};
 use crate::AppState;
 
 fn check_path(path: &str) -> ApiResult<()> {
@@ -44,7 +44,7 @@ pub async fn list(
 pub struct PatchBody {
     #[serde(default)]
     delete: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list_of_objects")]
     copy: Option<Vec<CopyEntry>>,
 }
 

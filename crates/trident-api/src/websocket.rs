@@ -117,7 +117,7 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
     // Client input runs on its own task, so that a process that does not read its input
     // can never stall the output.
     let stdin = execution.stdin.clone();
-    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<()>();
+    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<ClientGone>();
     let cut = state.config.sessions.cut.clone();
     // Only the client leaving counts as gone, so its socket is read whatever the process
     // does: input the process has not taken yet waits here, up to a bound past which it is
@@ -127,14 +127,16 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
         let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
         let mut pending_bytes = 0;
         let mut stdin_open = true;
-        loop {
+        let gone = loop {
             tokio::select! {
                 message = incoming.next() => {
                     let bytes = match message {
                         Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
                         Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                        Some(Ok(Message::Close(_))) => break ClientGone::Closed,
+                        Some(Err(e)) => break ClientGone::Violation(e.to_string()),
+                        None => break ClientGone::Vanished,
                     };
                     if !stdin_open {
                         continue;
@@ -159,8 +161,8 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
                     }
                 },
             }
-        }
-        let _ = gone_tx.send(());
+        };
+        let _ = gone_tx.send(gone);
     });
 
     loop {
@@ -186,9 +188,24 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
                     break;
                 }
             }
-            _ = &mut gone_rx => {
+            gone = &mut gone_rx => {
                 // The client left: dropping the execution kills it; the runner stays usable.
-                break;
+                drop(execution);
+                let farewell = async {
+                    match gone {
+                        // Its Close frame is answered with ours (RFC 6455 §5.5.1); the
+                        // WebSocket layer queued the answer, closing sends it.
+                        Ok(ClientGone::Closed) => sink.close().await,
+                        // A frame that breaks the protocol ends the session with 1002.
+                        Ok(ClientGone::Violation(reason)) => {
+                            tracing::info!(runner = %runner_id, %reason, "WebSocket protocol violation");
+                            sink.send(close_with(1002, &reason)).await
+                        }
+                        Ok(ClientGone::Vanished) | Err(_) => Ok(()),
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_WAIT, farewell).await;
+                return;
             }
             () = cut.cancelled() => {
                 // The server stops and the grace period is over: the execution is killed
@@ -210,6 +227,16 @@ async fn run(state: AppState, runner_id: String, execution_id: String, socket: W
     reader.abort();
 }
 
+/// How the client left.
+enum ClientGone {
+    /// It sent a Close frame.
+    Closed,
+    /// It sent something that is not WebSocket.
+    Violation(String),
+    /// The connection ended without a Close frame.
+    Vanished,
+}
+
 /// Input bytes held for a process that does not read them.
 const MAX_PENDING_INPUT: usize = 1024 * 1024;
 
@@ -220,8 +247,17 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn close() -> Message {
+    close_with(1000, "")
+}
+
+fn close_with(code: u16, reason: &str) -> Message {
+    // A close frame's reason is at most 123 bytes; cut on a character boundary.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     Message::Close(Some(CloseFrame {
-        code: 1000,
-        reason: "".into(),
+        code,
+        reason: reason[..end].into(),
     }))
 }

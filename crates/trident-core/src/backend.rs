@@ -11,7 +11,9 @@ use crate::model::{ExecutionEnvironment, FileCopy, FileHeader, MappedPort};
 
 pub type BackendResult<T> = std::result::Result<T, BackendError>;
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in an engine, one taxonomy from a runner's file operations through the
+/// control protocol (it is serialized there) to the core, which maps it to [`crate::Error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum BackendError {
     /// The path cannot be listed or read inside the runner.
     #[error("{0}")]
@@ -19,6 +21,9 @@ pub enum BackendError {
     /// The request is not possible as asked (e.g. a listing too large to return).
     #[error("{0}")]
     Invalid(String),
+    /// Some entries of a copy could not be written; every other entry was.
+    #[error("{0}")]
+    CopyFailed(String),
     /// The sandbox itself is gone or broken.
     #[error("{0}")]
     Failed(String),
@@ -36,7 +41,8 @@ pub struct RunnerSpec {
 pub enum ExitOutcome {
     /// Exit code; a death by signal n is 128 + n.
     Exited(u8),
-    /// The runner's memory limit was hit and the kernel killed a process of this execution.
+    /// The runner itself (the engine's processes serving this execution) died of memory.
+    /// A process of the execution killed for memory is an ordinary `Exited(137)`.
     OomKilled,
     /// The engine lost the execution.
     Failed(String),

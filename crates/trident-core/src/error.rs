@@ -17,11 +17,30 @@ pub enum Error {
     /// No idle runner could be had in time; clients know this as `NOMAD_OVERLOAD`.
     #[error("{0}")]
     Overloaded(String),
+    /// The client holds too much of something bounded (prepared executions); HTTP 429.
+    #[error("{0}")]
+    TooManyPending(String),
     /// The file cannot be listed or read (missing, or no permission); HTTP 424.
     #[error("file not found or insufficient permissions: {0}")]
     FileUnavailable(String),
+    /// Some files of a copy could not be written (the others were); the reference answers
+    /// 500 `UNKNOWN`.
+    #[error("{0}")]
+    FileCopyFailed(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<crate::backend::BackendError> for Error {
+    fn from(e: crate::backend::BackendError) -> Error {
+        use crate::backend::BackendError;
+        match e {
+            BackendError::FileUnavailable(m) => Error::FileUnavailable(m),
+            BackendError::Invalid(m) => Error::BadRequest(m),
+            BackendError::CopyFailed(m) => Error::FileCopyFailed(m),
+            BackendError::Failed(m) => Error::Internal(m),
+        }
+    }
 }
 
 impl Error {

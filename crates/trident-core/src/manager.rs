@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Backend, BackendError, ExecSpec, FileDownload, RunnerSpec, Sandbox};
+use crate::backend::{Backend, ExecSpec, FileDownload, RunnerSpec, Sandbox};
 use crate::error::{Error, Result};
 use crate::execution::{self, RunnerEnd, RunningExecution};
 use crate::model::{
     EnvironmentId, EnvironmentStatistics, ExecutionEnvironment, ExecutionRequest, FileCopy,
-    FileHeader, MappedPort,
+    FileHeader, MappedPort, MAX_DURATION_SECONDS,
 };
 use crate::store::{RunnerRecord, Store};
 
@@ -35,6 +35,10 @@ pub struct ManagerConfig {
     pub pool_depletion_threshold: f64,
     /// Executions prepared but never connected are forgotten after this long.
     pub pending_execution_ttl: Duration,
+    /// Executions a runner may hold prepared but not yet connected...
+    pub max_pending_executions: usize,
+    /// ... and the bytes of their commands and variables together.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for ManagerConfig {
@@ -45,6 +49,8 @@ impl Default for ManagerConfig {
             max_pool_size: 1000,
             pool_depletion_threshold: 0.0,
             pending_execution_ttl: Duration::from_secs(600),
+            max_pending_executions: 64,
+            max_pending_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -109,13 +115,24 @@ struct Activity {
 }
 
 impl Runner {
-    fn touch(&self) {
-        self.activity.lock().unwrap().last = Instant::now();
+    /// The runner's activity record. A panic elsewhere while it was held must not make the
+    /// runner unusable, so a poisoned lock is taken over as it is (every update to it is a
+    /// single assignment or map operation, complete or not started).
+    fn activity(&self) -> MutexGuard<'_, Activity> {
+        self.activity
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
+    fn touch(&self) {
+        self.activity().last = Instant::now();
+    }
+
+    /// When the inactivity timeout fires; `None` for never (also for a timeout so large that
+    /// the moment cannot be represented).
     fn expiry(&self) -> Option<Instant> {
-        let a = self.activity.lock().unwrap();
-        a.inactivity_timeout.map(|t| a.last + t)
+        let a = self.activity();
+        a.inactivity_timeout.and_then(|t| a.last.checked_add(t))
     }
 
     pub fn mapped_ports(&self) -> Vec<MappedPort> {
@@ -321,10 +338,18 @@ impl Manager {
                 env.prewarming_pool_size, self.inner.config.max_pool_size
             )));
         }
-        if env.memory_limit == 0 {
-            return Err(Error::BadRequest(
-                "memoryLimit must be at least 1 (MB)".into(),
-            ));
+        // As the reference: anything up to MaxInt32; a memoryLimit of 0 means the server's
+        // default (the backend knows it).
+        for (name, value) in [
+            ("memoryLimit", env.memory_limit),
+            ("cpuLimit", env.cpu_limit),
+        ] {
+            if value > i32::MAX as u32 {
+                return Err(Error::BadRequest(format!(
+                    "{name} {value} is above the maximum of {}",
+                    i32::MAX
+                )));
+            }
         }
         if env.exposed_ports.contains(&0) {
             return Err(Error::BadRequest(
@@ -403,6 +428,7 @@ impl Manager {
         env_id: EnvironmentId,
         inactivity_timeout: Duration,
     ) -> Result<Arc<Runner>> {
+        check_duration("inactivityTimeout", inactivity_timeout.as_secs())?;
         let inner = &self.inner;
         let deadline = tokio::time::Instant::now() + inner.config.claim_wait;
         // The pool this claim counts as waiting in (by incarnation: the environment may be
@@ -451,7 +477,7 @@ impl Manager {
         }
         let runner = result?;
         {
-            let mut activity = runner.activity.lock().unwrap();
+            let mut activity = runner.activity();
             activity.last = Instant::now();
             activity.inactivity_timeout =
                 (!inactivity_timeout.is_zero()).then_some(inactivity_timeout);
@@ -504,7 +530,7 @@ impl Manager {
             .sandbox
             .list_files(path, recursive, privileged)
             .await
-            .map_err(file_error)
+            .map_err(Error::from)
     }
 
     pub async fn patch_files(
@@ -519,7 +545,7 @@ impl Manager {
             .sandbox
             .patch_files(delete, copy)
             .await
-            .map_err(file_error)
+            .map_err(Error::from)
     }
 
     pub async fn open_file(&self, id: &str, path: &str, privileged: bool) -> Result<FileDownload> {
@@ -529,16 +555,33 @@ impl Manager {
             .sandbox
             .open_file(path, privileged)
             .await
-            .map_err(file_error)
+            .map_err(Error::from)
     }
 
-    /// Stores an execution until its WebSocket connects; returns its id.
+    /// Stores an execution until its WebSocket connects; returns its id. A runner holds a
+    /// bounded number (and size) of them: clients that prepare without connecting cannot
+    /// grow the server's memory.
     pub fn prepare_execution(&self, id: &str, request: ExecutionRequest) -> Result<String> {
+        check_duration("timeLimit", request.time_limit)?;
         let runner = self.runner(id)?;
         let execution_id = uuid::Uuid::new_v4().to_string();
-        let ttl = self.inner.config.pending_execution_ttl;
-        let mut activity = runner.activity.lock().unwrap();
-        activity.pending.retain(|_, (at, _)| at.elapsed() < ttl);
+        let config = &self.inner.config;
+        let mut activity = runner.activity();
+        activity
+            .pending
+            .retain(|_, (at, _)| at.elapsed() < config.pending_execution_ttl);
+        let held: usize = activity.pending.values().map(|(_, r)| r.size()).sum();
+        if activity.pending.len() >= config.max_pending_executions
+            || held + request.size() > config.max_pending_bytes
+        {
+            return Err(Error::TooManyPending(format!(
+                "runner {id} already holds {} prepared executions ({held} bytes) that were never \
+                 connected; at most {} ({} bytes) may wait: connect to their WebSockets first",
+                activity.pending.len(),
+                config.max_pending_executions,
+                config.max_pending_bytes
+            )));
+        }
         activity
             .pending
             .insert(execution_id.clone(), (Instant::now(), request));
@@ -548,7 +591,7 @@ impl Manager {
     /// Checks that an execution can be started, before the WebSocket upgrade is accepted.
     pub fn has_pending_execution(&self, id: &str, execution_id: &str) -> Result<()> {
         let runner = self.runner(id)?;
-        let activity = runner.activity.lock().unwrap();
+        let activity = runner.activity();
         match activity.pending.get(execution_id) {
             Some(_) => Ok(()),
             None => Err(Error::ExecutionNotFound(execution_id.to_string())),
@@ -559,7 +602,7 @@ impl Manager {
     pub async fn start_execution(&self, id: &str, execution_id: &str) -> Result<RunningExecution> {
         let runner = self.runner(id)?;
         let request = {
-            let mut activity = runner.activity.lock().unwrap();
+            let mut activity = runner.activity();
             activity.last = Instant::now();
             activity
                 .pending
@@ -575,10 +618,7 @@ impl Manager {
             environment,
         };
         let ended = runner.end.subscribe();
-        let started = runner.sandbox.execute(spec).await.map_err(|e| match e {
-            BackendError::Invalid(m) => Error::BadRequest(m),
-            other => Error::Internal(other.to_string()),
-        })?;
+        let started = runner.sandbox.execute(spec).await?;
         let limit = (request.time_limit > 0).then(|| Duration::from_secs(request.time_limit));
         Ok(execution::spawn(started, limit, ended))
     }
@@ -623,12 +663,15 @@ pub struct RestoreReport {
     pub dropped: usize,
 }
 
-fn file_error(e: BackendError) -> Error {
-    match e {
-        BackendError::FileUnavailable(m) => Error::FileUnavailable(m),
-        BackendError::Invalid(m) => Error::BadRequest(m),
-        BackendError::Failed(m) => Error::Internal(m),
+/// Durations clients give in seconds must stay below [`MAX_DURATION_SECONDS`], so that no
+/// deadline computed from them can overflow.
+fn check_duration(name: &str, seconds: u64) -> Result<()> {
+    if seconds > MAX_DURATION_SECONDS {
+        return Err(Error::BadRequest(format!(
+            "{name} {seconds} is above the maximum of {MAX_DURATION_SECONDS} seconds"
+        )));
     }
+    Ok(())
 }
 
 /// Numbers pools over the life of the process.

@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 pub type EnvironmentId = u64;
 
+/// The largest duration in seconds a client may ask for (inactivity timeouts, time limits,
+/// job timeouts): Go's MaxInt32, about 68 years. Anything above is refused with a 400, so that
+/// no deadline computed from a client's number can overflow.
+pub const MAX_DURATION_SECONDS: u64 = i32::MAX as u64;
+
 /// A template for runners, exactly the Poseidon `ExecutionEnvironment` schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,6 +69,18 @@ pub struct ExecutionRequest {
     pub environment: Vec<(String, String)>,
     /// Seconds; 0 = no limit.
     pub time_limit: u64,
+}
+
+impl ExecutionRequest {
+    /// Bytes it holds while it waits for its WebSocket.
+    pub fn size(&self) -> usize {
+        self.command.len()
+            + self
+                .environment
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// An exposed port of a runner and where it is reachable from outside.

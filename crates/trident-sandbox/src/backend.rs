@@ -32,6 +32,9 @@ pub struct NativeConfig {
     pub images: Images,
     /// Processes (and threads) per runner.
     pub pids_limit: u64,
+    /// The memory of runners whose environment says `memoryLimit: 0`, in MB (what the
+    /// reference passes on to its scheduler as "no explicit limit"; CodeOcean's default).
+    pub default_memory_mb: u32,
     /// Clock of one core, to turn `cpuLimit` MHz into a CPU quota.
     pub cpu_mhz_per_core: f64,
     /// No runner gets less CPU than this fraction of a core, so that a client's tiny MHz
@@ -56,6 +59,7 @@ impl NativeConfig {
             data_dir,
             images,
             pids_limit: 512,
+            default_memory_mb: 256,
             cpu_mhz_per_core: detect_cpu_mhz(),
             min_cpu_cores: 0.25,
             user_uid: 1000,
@@ -222,7 +226,11 @@ impl NativeBackend {
     fn init_spec(&self, spec: &RunnerSpec, slot: u32) -> Result<InitSpec, String> {
         let env = &spec.environment;
         let rootfs = self.config.images.resolve(&env.image)?;
-        let memory_bytes = u64::from(env.memory_limit) * 1024 * 1024;
+        let memory_mb = match env.memory_limit {
+            0 => self.config.default_memory_mb,
+            mb => mb,
+        };
+        let memory_bytes = u64::from(memory_mb) * 1024 * 1024;
         let cpu_cores = (env.cpu_limit > 0).then(|| {
             (f64::from(env.cpu_limit) / self.config.cpu_mhz_per_core).max(self.config.min_cpu_cores)
         });
@@ -575,9 +583,7 @@ impl NativeSandbox {
 
 fn unexpected(r: Response) -> BackendError {
     match r {
-        Response::Unavailable(m) => BackendError::FileUnavailable(m),
-        Response::Invalid(m) => BackendError::Invalid(m),
-        Response::Failed(m) => BackendError::Failed(m),
+        Response::Error(e) => e,
         other => BackendError::Failed(format!("unexpected answer from runner-init: {other:?}")),
     }
 }
@@ -648,15 +654,13 @@ impl Sandbox for NativeSandbox {
         let cgroup = self.cgroup.clone();
         let exit = Box::pin(async move {
             tokio::select! {
+                // As the reference: a process the OOM killer took while the runner lives on
+                // just ends the execution with its code (137); only a runner whose own
+                // processes died of memory (its control connection broke) is an OOM error.
                 frame = read_frame(&mut stream) => match frame {
-                    Ok(Response::Exited { code }) => {
-                        if code != 0 && cgroups.oom_kills(&cgroup) > oom_before {
-                            ExitOutcome::OomKilled
-                        } else {
-                            ExitOutcome::Exited(code)
-                        }
-                    }
+                    Ok(Response::Exited { code }) => ExitOutcome::Exited(code),
                     Ok(other) => ExitOutcome::Failed(format!("{other:?}")),
+                    Err(_) if cgroups.oom_kills(&cgroup) > oom_before => ExitOutcome::OomKilled,
                     Err(e) => ExitOutcome::Failed(e.to_string()),
                 },
                 // Dropping the connection tells the handler to kill the execution.

@@ -5,22 +5,18 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use trident_core::backend::BackendError;
 use trident_core::model::{FileCopy, FileHeader};
 
 use crate::spec::WORKSPACE;
 
 /// Largest listing returned; a bigger tree must be listed in parts.
 pub const MAX_LISTING: usize = 100_000;
-
-pub enum FileOpError {
-    Unavailable(String),
-    Invalid(String),
-    Failed(String),
-}
 
 /// Relative paths are relative to the workspace.
 pub fn resolve(path: &str) -> PathBuf {
@@ -33,11 +29,11 @@ pub fn resolve(path: &str) -> PathBuf {
 
 /// Lists `path` like `ls -l` (recursively like `ls -lR`): a directory lists its entries
 /// named `<path>/<entry>`; a file lists itself.
-pub fn list(path: &str, recursive: bool) -> Result<Vec<FileHeader>, FileOpError> {
+pub fn list(path: &str, recursive: bool) -> Result<Vec<FileHeader>, BackendError> {
     let path = if path.is_empty() { "./" } else { path };
     let target = resolve(path);
     let meta = fs::symlink_metadata(&target)
-        .map_err(|e| FileOpError::Unavailable(format!("{path}: {e}")))?;
+        .map_err(|e| BackendError::FileUnavailable(format!("{path}: {e}")))?;
     let names = Names::load();
     if !meta.is_dir() {
         return Ok(vec![header(path.to_string(), &target, &meta, &names)]);
@@ -55,10 +51,10 @@ fn walk(
     names: &Names,
     out: &mut Vec<FileHeader>,
     top: bool,
-) -> Result<(), FileOpError> {
+) -> Result<(), BackendError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if top => return Err(FileOpError::Unavailable(format!("{prefix}: {e}"))),
+        Err(e) if top => return Err(BackendError::FileUnavailable(format!("{prefix}: {e}"))),
         Err(_) => return Ok(()), // like `ls -R`: an unreadable subdirectory is skipped
     };
     let mut entries: Vec<_> = entries.flatten().collect();
@@ -70,7 +66,7 @@ fn walk(
             continue;
         };
         if out.len() >= MAX_LISTING {
-            return Err(FileOpError::Invalid(format!(
+            return Err(BackendError::Invalid(format!(
                 "the listing has more than {MAX_LISTING} entries; list a narrower path or not recursively"
             )));
         }
@@ -177,7 +173,16 @@ impl Names {
 /// Deletes (recursively, errors ignored; `./*` empties the workspace), then copies. Copied
 /// files belong to root with mode 0744; created directories are 1777 (sticky), so `user`
 /// can add files but not remove or change copied ones.
-pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), FileOpError> {
+///
+/// Like the reference's one `tar` run, an entry that cannot be written does not stop the
+/// others: every other entry is written, then the failures are reported together.
+///
+/// Paths are walked one component at a time on directory fds, as root. A symlink that
+/// `user` planted (owned by anyone but root) is never followed: where a directory is needed
+/// it is replaced by one, as GNU tar replaces a symlink with a directory it extracts; a
+/// deletion through it deletes nothing. Root's own links (the image's, or a privileged
+/// execution's) are followed, inside the runner.
+pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
     for path in delete {
         if path == "./*" {
             if let Ok(entries) = fs::read_dir(WORKSPACE) {
@@ -185,26 +190,186 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), FileOpError> {
                     remove_any(&entry.path());
                 }
             }
-        } else {
-            remove_any(&resolve(path));
+        } else if let Ok(Some((dir, name))) = walk_to_parent(&resolve(path), false) {
+            remove_any(&fd_path(&dir).join(name));
         }
     }
+    let mut failures = Vec::new();
     for file in copy {
-        let target = resolve(&file.path);
-        if file.path.ends_with('/') {
-            make_dirs(&target)?;
-            continue;
+        if let Err(e) = copy_one(file) {
+            failures.push(format!("{}: Cannot open: {e}", file.path));
         }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(BackendError::CopyFailed(format!(
+            "file copy failed: {}",
+            failures.join("; ")
+        )))
+    }
+}
+
+fn copy_one(file: &FileCopy) -> io::Result<()> {
+    let target = resolve(&file.path);
+    if file.path.ends_with('/') {
+        let (dir, name) = walk_to_parent(&target, true)?.ok_or_else(missing)?;
+        if name.is_empty() {
+            return Ok(()); // the root itself
+        }
+        open_dir_step(&dir, &name, true).map(drop)
+    } else {
         let content = base64::engine::general_purpose::STANDARD
             .decode(&file.content_base64)
-            .map_err(|e| FileOpError::Invalid(format!("{}: invalid base64: {e}", file.path)))?;
-        if let Some(parent) = target.parent() {
-            make_dirs(parent)?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let (dir, name) = walk_to_parent(&target, true)?.ok_or_else(missing)?;
+        if name.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        write_file(&target, &content)
-            .map_err(|e| refused(format!("cannot write {}", file.path), e))?;
+        write_file_at(&dir, &name, &content)
     }
-    Ok(())
+}
+
+fn missing() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOENT)
+}
+
+/// `/proc/self/fd/<fd>`: a path that names exactly the directory the fd holds, whatever
+/// happens to the names leading to it.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Symlinks followed in one walk, as the kernel's own limit.
+const MAX_LINKS: usize = 40;
+
+/// Walks to the directory that holds `path`'s last component and returns it (opened) with
+/// that component's name. With `create`, missing directories are made (1777) and planted
+/// symlinks in the way are replaced; without, a planted symlink or a missing directory means
+/// there is nothing there (`Ok(None)`).
+fn walk_to_parent(path: &Path, create: bool) -> io::Result<Option<(OwnedFd, String)>> {
+    use rustix::fs::{openat, Mode, OFlags, CWD};
+    let root = || -> io::Result<OwnedFd> {
+        Ok(openat(
+            CWD,
+            "/",
+            OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    };
+    // Pending components, next first; a followed link pushes its target's components.
+    let mut pending: Vec<String> = components_reversed(path);
+    let mut stack: Vec<OwnedFd> = vec![root()?];
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        let here = stack.last().expect("never empty");
+        if pending.is_empty() {
+            // The last component: the caller acts on it.
+            let here = rustix::io::dup(here)?;
+            return Ok(Some((here, name)));
+        }
+        match name.as_str() {
+            "." => continue,
+            ".." => {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        match step(here, &name, create)? {
+            Step::Dir(fd) => stack.push(fd),
+            Step::Missing => return Ok(None),
+            Step::Link(target) => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                if target.starts_with('/') {
+                    stack.truncate(1);
+                }
+                pending.extend(components_reversed(Path::new(&target)));
+            }
+        }
+    }
+    // The path was `/` (or only `.`/`..`): the root's "last component" is itself.
+    Ok(Some((stack.swap_remove(0), String::new())))
+}
+
+/// A path's normal components (and `.`/`..`), last first.
+fn components_reversed(path: &Path) -> Vec<String> {
+    use std::path::Component;
+    let mut parts: Vec<String> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
+            Component::ParentDir => Some("..".into()),
+            Component::CurDir => Some(".".into()),
+            Component::RootDir | Component::Prefix(_) => None,
+        })
+        .collect();
+    parts.reverse();
+    parts
+}
+
+enum Step {
+    Dir(OwnedFd),
+    /// A symlink of root's, to follow.
+    Link(String),
+    Missing,
+}
+
+/// Goes one directory down from `dir` into `name`.
+fn step(dir: &OwnedFd, name: &str, create: bool) -> io::Result<Step> {
+    use rustix::fs::{readlinkat, statat, AtFlags, FileType};
+    match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+            if st.st_uid == 0 {
+                let target = readlinkat(dir, name, Vec::new())?;
+                return Ok(Step::Link(target.to_string_lossy().into_owned()));
+            }
+            if !create {
+                return Ok(Step::Missing);
+            }
+            // Planted by `user`: replaced by a directory, never followed.
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            open_dir_step(dir, name, true).map(Step::Dir)
+        }
+        Ok(_) => open_dir_step(dir, name, false).map(Step::Dir),
+        Err(rustix::io::Errno::NOENT) if create => open_dir_step(dir, name, true).map(Step::Dir),
+        Err(rustix::io::Errno::NOENT) => Ok(Step::Missing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens the directory `name` in `dir` without following a symlink, making it (1777) first
+/// if asked to and it does not exist.
+fn open_dir_step(dir: &OwnedFd, name: &str, create: bool) -> io::Result<OwnedFd> {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    if create {
+        match mkdirat(dir, name, Mode::from_raw_mode(0o1777)) {
+            Ok(()) => {
+                let made = openat(
+                    dir,
+                    name,
+                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                // mkdir's mode went through the umask.
+                rustix::fs::fchmod(&made, Mode::from_raw_mode(0o1777))?;
+                return Ok(made);
+            }
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(openat(
+        dir,
+        name,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 fn remove_any(path: &Path) {
@@ -219,53 +384,21 @@ fn remove_any(path: &Path) {
     }
 }
 
-fn make_dirs(path: &Path) -> Result<(), FileOpError> {
-    let mut current = PathBuf::new();
-    for part in path.components() {
-        current.push(part);
-        if current.exists() {
-            continue;
+/// Writes a root-owned 0744 file `name` in `dir`; a symlink in its place is replaced, never
+/// followed.
+fn write_file_at(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
+    use rustix::fs::{openat, AtFlags, Mode, OFlags};
+    let flags =
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o744);
+    let fd = match openat(dir, name, flags, mode) {
+        Err(rustix::io::Errno::LOOP) => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            openat(dir, name, flags | OFlags::EXCL, mode)?
         }
-        fs::create_dir(&current)
-            .and_then(|()| fs::set_permissions(&current, fs::Permissions::from_mode(0o1777)))
-            .map_err(|e| refused(format!("cannot create {}", current.display()), e))?;
-    }
-    Ok(())
-}
-
-/// A copy the runner's file system refuses because of what the request asks (a path
-/// through a file, a read-only or image directory, a directory in the way) is the client's
-/// error (400); anything else, a full disk included, is the server's.
-fn refused(what: String, e: io::Error) -> FileOpError {
-    match e.raw_os_error() {
-        Some(
-            libc::EACCES
-            | libc::EPERM
-            | libc::EROFS
-            | libc::ENOTDIR
-            | libc::EISDIR
-            | libc::EEXIST
-            | libc::ENOENT
-            | libc::EINVAL
-            | libc::ENAMETOOLONG
-            | libc::ELOOP,
-        ) => FileOpError::Invalid(format!("{what}: {e}")),
-        _ => FileOpError::Failed(format!("{what}: {e}")),
-    }
-}
-
-/// Writes a root-owned 0744 file; a symlink in its place is replaced, never followed.
-fn write_file(path: &Path, content: &[u8]) -> io::Result<()> {
-    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        fs::remove_file(path)?;
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o744)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+        other => other?,
+    };
+    let mut file = fs::File::from(fd);
     file.write_all(content)?;
     file.set_permissions(fs::Permissions::from_mode(0o744))?;
     std::os::unix::fs::fchown(&file, Some(0), Some(0))?;
@@ -273,18 +406,18 @@ fn write_file(path: &Path, content: &[u8]) -> io::Result<()> {
 }
 
 /// Opens a regular file for download.
-pub fn open(path: &str) -> Result<(fs::File, u64), FileOpError> {
+pub fn open(path: &str) -> Result<(fs::File, u64), BackendError> {
     let target = resolve(path);
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&target)
-        .map_err(|e| FileOpError::Unavailable(format!("{path}: {e}")))?;
+        .map_err(|e| BackendError::FileUnavailable(format!("{path}: {e}")))?;
     let meta = file
         .metadata()
-        .map_err(|e| FileOpError::Unavailable(format!("{path}: {e}")))?;
+        .map_err(|e| BackendError::FileUnavailable(format!("{path}: {e}")))?;
     if !meta.is_file() {
-        return Err(FileOpError::Unavailable(format!(
+        return Err(BackendError::FileUnavailable(format!(
             "{path}: not a regular file"
         )));
     }

@@ -29,10 +29,14 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
 use crate::cgroup::{Cgroups, Limits};
 use crate::confine::{self, Filters};
-use crate::fileops::{self, FileOpError};
+use crate::fileops;
 use crate::protocol::{recv_frame, send_frame, Request, Response};
 use crate::rootfs;
 use crate::spec::{InitSpec, IDS_PER_RUNNER, USER_NAME, WORKSPACE};
+use trident_core::backend::BackendError;
+
+/// `oom_score_adj` of every execution's processes: the highest, so that they go first.
+const EXECUTION_OOM_SCORE_ADJ: &str = "1000";
 
 /// The fd on which the server waits for "ok" (or an error text) from P1.
 const READY_FD: RawFd = 3;
@@ -209,7 +213,11 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
             Ok(ForkResult::Parent { .. }) => drop(stream),
             Err(e) => {
                 // Most likely the pids limit: answer so the server does not wait forever.
-                let _ = send_frame(&stream, &Response::Failed(format!("fork: {e}")), &[]);
+                let _ = send_frame(
+                    &stream,
+                    &Response::Error(BackendError::Failed(format!("fork: {e}"))),
+                    &[],
+                );
             }
         }
     }
@@ -302,14 +310,17 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
             if !privileged {
                 become_user(spec)?;
             }
+            // Listed from the workspace, as the reference's `ls` runs there: link targets
+            // such as /proc/self/cwd then read as they would for the runner's programs.
+            let _ = nix::unistd::chdir(WORKSPACE);
             reply(match fileops::list(&path, recursive) {
                 Ok(files) => Response::Files(files),
-                Err(e) => file_error(e),
+                Err(e) => Response::Error(e),
             })
         }
         Request::PatchFiles { delete, copy } => reply(match fileops::patch(&delete, &copy) {
             Ok(()) => Response::Done,
-            Err(e) => file_error(e),
+            Err(e) => Response::Error(e),
         }),
         Request::OpenFile { path, privileged } => {
             if !privileged {
@@ -319,17 +330,9 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
                 Ok((file, size)) => {
                     send_frame(stream, &Response::Opened { size }, &[file.as_raw_fd()])
                 }
-                Err(e) => reply(file_error(e)),
+                Err(e) => reply(Response::Error(e)),
             }
         }
-    }
-}
-
-fn file_error(e: FileOpError) -> Response {
-    match e {
-        FileOpError::Unavailable(m) => Response::Unavailable(m),
-        FileOpError::Invalid(m) => Response::Invalid(m),
-        FileOpError::Failed(m) => Response::Failed(m),
     }
 }
 
@@ -353,7 +356,11 @@ fn exec(
     fds: Vec<OwnedFd>,
 ) -> io::Result<()> {
     if fds.len() != 3 {
-        return send_frame(stream, &Response::Failed("expected 3 fds".into()), &[]);
+        return send_frame(
+            stream,
+            &Response::Error(BackendError::Failed("expected 3 fds".into())),
+            &[],
+        );
     }
     // Everything the execution starts lives in a pid namespace of its own, whose init is the
     // exec-init below: when it exits, the kernel kills every process left (setsid'd and
@@ -501,8 +508,9 @@ fn start_command(
             "trident: cannot start the command: {what}: {}\n",
             io::Error::last_os_error()
         );
-        // SAFETY: writing to the stderr fd we were given.
-        unsafe { libc::write(fds[2].as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        // SAFETY: writing to the standard error this process has (the fd it was given, which
+        // is already stderr once dup2 ran, and the only one left after close_range).
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
         // SAFETY: leaving a forked child without running destructors.
         unsafe { libc::_exit(127) }
     };
@@ -531,6 +539,19 @@ fn start_command(
             libc::signal(sig, libc::SIG_DFL);
         }
     }
+    // The OOM killer's first choice, before runner-init and its handlers: when the runner
+    // runs out of memory, it is the execution's processes that go and the runner lives on.
+    // (Raising one's own score needs no privilege; lowering runner-init's would need
+    // CAP_SYS_RESOURCE, which a host may withhold.)
+    // The process is not dumpable yet (runner-init is not), and /proc files of such a
+    // process belong to the host's root: make it dumpable first, as exec would anyway. Its
+    // memory is runner-init's (nothing secret), and no other execution can see it (own pid
+    // namespace).
+    if nix::sys::prctl::set_dumpable(true).is_err()
+        || std::fs::write("/proc/self/oom_score_adj", EXECUTION_OOM_SCORE_ADJ).is_err()
+    {
+        fail("oom_score_adj");
+    }
     if nix::unistd::chdir(WORKSPACE).is_err() {
         let _ = nix::unistd::chdir("/");
     }
@@ -538,9 +559,9 @@ fn start_command(
     unsafe { libc::umask(0o022) };
     if let Err(e) = confine::confine(filters, privileged, || become_user(spec)) {
         let msg = format!("trident: cannot confine the command: {e}\n");
-        // SAFETY: writing to the stderr fd we were given, then leaving without destructors.
+        // SAFETY: writing to stderr (fd 2 since dup2), then leaving without destructors.
         unsafe {
-            libc::write(fds[2].as_raw_fd(), msg.as_ptr().cast(), msg.len());
+            libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::_exit(127)
         }
     }

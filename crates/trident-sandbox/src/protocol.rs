@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
+use trident_core::backend::BackendError;
 use trident_core::model::{FileCopy, FileHeader};
 
 /// Largest frame accepted: a recursive listing of a big tree, or a PATCH of many files.
@@ -59,11 +60,8 @@ pub enum Response {
     Pong {
         runner_id: String,
     },
-    /// The path cannot be listed or read (HTTP 424).
-    Unavailable(String),
-    /// The request is invalid (HTTP 400).
-    Invalid(String),
-    Failed(String),
+    /// The request failed, as the core's own error type says.
+    Error(BackendError),
 }
 
 /// Writes one frame, passing `fds` with its first byte.

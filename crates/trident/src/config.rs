@@ -60,6 +60,8 @@ pub struct FileConfig {
     max_body_mb: Option<usize>,
     /// Processes per runner (fork bombs stop here).
     pids_limit: Option<u64>,
+    /// Memory of runners whose environment has `memoryLimit: 0`, in MB.
+    default_memory_limit_mb: Option<u32>,
     /// No runner gets less than this share of a core, whatever its cpuLimit.
     min_cpu_cores: Option<f64>,
     /// Clock of one core for the cpuLimit MHz → quota conversion (default: /proc/cpuinfo).
@@ -152,6 +154,7 @@ pub struct Settings {
     pub max_pool_size: u32,
     pub max_body_bytes: usize,
     pub pids_limit: u64,
+    pub default_memory_mb: Option<u32>,
     pub min_cpu_cores: f64,
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
@@ -208,6 +211,7 @@ impl Settings {
             max_pool_size: file.max_pool_size.unwrap_or(1000),
             max_body_bytes: file.max_body_mb.unwrap_or(64) * 1024 * 1024,
             pids_limit: file.pids_limit.unwrap_or(512),
+            default_memory_mb: file.default_memory_limit_mb,
             min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
             cpu_mhz_per_core: file.cpu_mhz_per_core,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),

@@ -24,6 +24,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let images = Images::new(settings.images.clone()).map_err(anyhow::Error::msg)?;
     let mut native = NativeConfig::new(data_dir.clone(), images);
     native.pids_limit = settings.pids_limit;
+    if let Some(mb) = settings.default_memory_mb.filter(|mb| *mb > 0) {
+        native.default_memory_mb = mb;
+    }
     native.min_cpu_cores = settings.min_cpu_cores;
     native.first_runner_id = settings.runner_id_base;
     if let Some(mhz) = settings.cpu_mhz_per_core {

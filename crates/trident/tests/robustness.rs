@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{b64, environment, exec, Execution, Options, Server};
+use common::{b64, environment, error_of, eventually, exec, Execution, Options, Server};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -16,21 +16,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 // ---- helpers ------------------------------------------------------------------------------
-
-/// Status and `message` of an error answer; the body must be a JSON object with a non-empty
-/// `message`.
-async fn error_of(response: reqwest::Response, context: &str) -> (u16, String) {
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    let body: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{context}: {status} with a non-JSON body {text:?}: {e}"));
-    let message = body["message"].as_str().unwrap_or_default().to_string();
-    assert!(
-        !message.is_empty(),
-        "{context}: {status} without a message: {text}"
-    );
-    (status, message)
-}
 
 async fn stats(server: &Server) -> Value {
     server
@@ -114,22 +99,6 @@ async fn wait_for_stdout(ws: &mut common::Ws, marker: &str) {
     tokio::time::timeout(Duration::from_secs(60), wait)
         .await
         .expect("the marker never came");
-}
-
-/// Polls `check` until it holds, failing after `bound`.
-async fn eventually<F, Fut>(bound: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + bound;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Processes inside the runner whose command line matches the grep `pattern` (a privileged

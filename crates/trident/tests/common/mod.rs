@@ -530,6 +530,37 @@ pub async fn collect(ws: &mut Ws) -> Execution {
     }
 }
 
+/// Status and `message` of an error answer; the body must be a JSON object with a non-empty
+/// `message`.
+pub async fn error_of(response: reqwest::Response, context: &str) -> (u16, String) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{context}: {status} with a non-JSON body {text:?}: {e}"));
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !message.is_empty(),
+        "{context}: {status} without a message: {text}"
+    );
+    (status, message)
+}
+
+/// Polls `check` until it holds, failing after `bound`.
+pub async fn eventually<F, Fut>(bound: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + bound;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
