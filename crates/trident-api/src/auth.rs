@@ -12,6 +12,29 @@ use crate::AppState;
 
 const OPEN_ROUTES: [&str; 2] = ["/api/v1/health", "/api/v1/version"];
 
+/// A body whose declared length is above the limit is refused before a byte of it is read
+/// (413, and the connection closes: its unread rest cannot carry another request).
+pub async fn refuse_oversized(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = state.config.max_body_bytes as u64;
+    match declared {
+        Some(length) if length > limit => crate::ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body of {length} bytes is above this server's limit of {limit}"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
 pub async fn require_token(
     State(state): State<AppState>,
     request: Request,

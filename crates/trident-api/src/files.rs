@@ -103,15 +103,16 @@ pub async fn download(
         .manager
         .open_file(&runner_id, path, privileged)
         .await?;
-    let filename = path.replace('\\', "\\\\").replace('"', "\\\"");
+
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.content));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::CONTENT_LENGTH, file.size.to_string()),
+            // The path as the client gave it, as the reference does; made safe for a header.
             (
                 header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{filename}\""),
+                trident_http::disposition::attachment(path),
             ),
         ],
         body,

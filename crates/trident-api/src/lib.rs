@@ -76,6 +76,10 @@ pub fn router(manager: Manager, config: ApiConfig) -> Router {
             state.clone(),
             auth::require_token,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::refuse_oversized,
+        ))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }

@@ -36,6 +36,7 @@ fn with_headers(
 fn refused(refusal: JobRefusal) -> Response {
     match refusal {
         JobRefusal::Forbidden => Refusal::Forbidden.into_response(),
+        JobRefusal::Store(e) => Refusal::Internal(e).into_response(),
         JobRefusal::NotRunning(status) => with_headers(
             StatusCode::FORBIDDEN,
             &[("job-status", status.as_str().to_string())],
@@ -78,12 +79,15 @@ pub async fn request(
                     .iter()
                     .filter_map(|id| coordinator.get(*id))
                     .map(|dependency| {
-                        let file = dependency
-                            .uploaded_artifacts
-                            .get("archive")
-                            .map(|a| json!({"filename": a.filename, "size": a.size}));
-                        json!({"id": dependency.id, "name": dependency.spec.name,
-                               "token": token, "artifacts_file": file})
+                        let mut entry = json!({"id": dependency.id, "name": dependency.spec.name,
+                                               "token": token});
+                        // GitLab (`entities/ci/job_request/dependency.rb`) leaves the key out
+                        // when there is nothing to download: agents test for its presence.
+                        if let Some(a) = dependency.uploaded_artifacts.get("archive") {
+                            entry["artifacts_file"] =
+                                json!({"filename": a.filename, "size": a.size});
+                        }
+                        entry
                     })
                     .collect();
                 let mut body = payload(&job, &token, &format!("http://{host}"), &agent);
@@ -124,10 +128,16 @@ pub async fn request(
 /// The job as agents expect it (the fields the Go agent and the Rust crate read).
 fn payload(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent) -> Value {
     let spec = &job.spec;
-    let variables: Vec<Value> = variables::for_job(job, token, server_url, agent)
-        .into_iter()
-        .map(|v| json!({"key": v.key, "value": v.value, "public": v.public, "masked": v.masked}))
-        .collect();
+    let variables: Vec<Value> = variables::for_job(
+        job,
+        token,
+        server_url,
+        agent,
+        variables::DEFAULT_PROJECT_DIR,
+    )
+    .into_iter()
+    .map(|v| json!({"key": v.key, "value": v.value, "public": v.public, "masked": v.masked}))
+    .collect();
     let mut steps = vec![
         json!({"name": "script", "script": spec.script, "timeout": spec.timeout,
                                 "when": "on_success", "allow_failure": false}),
@@ -145,8 +155,9 @@ fn payload(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent) ->
         "token": token,
         "allow_git_fetch": false,
         "job_info": {"id": job.id, "name": spec.name, "stage": "test", "project_id": 0,
-                     "project_name": "trident"},
-        "git_info": {"repo_url": "", "ref": "", "sha": "", "before_sha": "", "ref_type": "branch",
+                     "project_name": "jobs"},
+        "git_info": {"repo_url": "", "ref": "main", "sha": variables::BLANK_SHA,
+                     "before_sha": variables::BLANK_SHA, "ref_type": "branch",
                      "refspecs": [], "depth": 0},
         "runner_info": {"timeout": spec.timeout, "runner_session_url": null},
         "variables": variables,
@@ -157,8 +168,8 @@ fn payload(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent) ->
         "cache": [],
         "credentials": [],
         "dependencies": [],
-        "features": {"trace_sections": true, "failure_reasons": ["script_failure",
-                     "runner_system_failure", "job_execution_timeout", "unknown_failure"]},
+        "features": {"trace_sections": true,
+                     "failure_reasons": crate::coordinator::FAILURE_REASONS},
     })
 }
 
@@ -185,8 +196,11 @@ pub async fn update(
         Ok::<_, ParamError>((
             params.required_string("token")?,
             StateUpdate {
-                state: params.string("state")?,
-                exit_code: params.integer("exit_code")?,
+                // `Ci::UpdateBuildStateService` knows these; anything else is a 400.
+                state: params.one_of("state", &["running", "success", "failed", "pending"])?,
+                // Exit codes as agents report them: signed 32-bit, or Windows' unsigned ones.
+                exit_code: params
+                    .integer_in("exit_code", i64::from(i32::MIN)..=i64::from(u32::MAX))?,
                 failure_reason: params.string("failure_reason")?,
                 checksum: checksum.map(|c| parse_checksum(&c)).transpose()?,
                 bytesize: bytesize.map(|b| b as u64),
@@ -286,10 +300,38 @@ fn job_token(headers: &HeaderMap, query: &std::collections::HashMap<String, Stri
 fn too_large(max: u64) -> Response {
     (
         StatusCode::PAYLOAD_TOO_LARGE,
+        // The rest of the body stays unread: the connection cannot carry another request.
+        [("connection", "close")],
         Json(json!({"message": format!("413 Request Entity Too Large: artifacts are limited to {max} bytes")})),
     )
         .into_response()
 }
+
+/// The text of a form field beside the file, which is never large (a token, a type, an
+/// expiry): at most `MAX_FIELD` bytes are read.
+async fn small_field(field: &mut axum::extract::multipart::Field<'_>) -> Result<String, Response> {
+    const MAX_FIELD: usize = 64 * 1024;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
+    {
+        if bytes.len() + chunk.len() > MAX_FIELD {
+            return Err(crate::params::ParamError(format!(
+                "the form field {} is longer than {MAX_FIELD} bytes",
+                field.name().unwrap_or_default()
+            ))
+            .into_response());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| crate::params::ParamError("a form field is not UTF-8".into()).into_response())
+}
+
+/// Room for a multipart upload's own framing and small fields beside the file.
+const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 
 /// `POST /jobs/:id/artifacts/authorize`: may this upload of `filesize` bytes proceed?
 pub async fn authorize_artifacts(
@@ -324,20 +366,26 @@ pub async fn upload_artifacts(
     headers: HeaderMap,
     mut multipart: axum::extract::Multipart,
 ) -> Response {
+    let max = state.config.max_artifact_bytes;
+    // Nothing of the body is read before the request is known to be acceptable: its
+    // declared size, then its job token (header, query, or a form field before the file).
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max.saturating_add(MULTIPART_OVERHEAD)) {
+        return too_large(max);
+    }
     let mut token = job_token(&headers, &query);
-    if let Err(refusal) = state.coordinator.authorize_artifact(id, &token) {
-        if !token.is_empty() {
+    let mut authorized = false;
+    if !token.is_empty() {
+        if let Err(refusal) = state.coordinator.authorize_artifact(id, &token) {
             return refused(refusal);
         }
-    }
-    let max = state.config.max_artifact_bytes;
-    let upload = state.coordinator.artifact_upload_path(id);
-    if let Some(dir) = upload.parent() {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            return Refusal::Internal(e.to_string()).into_response();
-        }
+        authorized = true;
     }
     let mut fields: std::collections::HashMap<String, String> = query.clone();
+    let mut upload: Option<std::path::PathBuf> = None;
     let mut size = None;
     let mut filename = "artifacts.zip".to_string();
     let result: Result<(), Response> = async {
@@ -347,57 +395,77 @@ pub async fn upload_artifacts(
             .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
         {
             let name = field.name().unwrap_or_default().to_string();
-            if name == "file" {
-                if let Some(name) = field.file_name() {
-                    filename = name.to_string();
+            if name != "file" {
+                let value = small_field(&mut field).await?;
+                if name == "token" && !authorized {
+                    state
+                        .coordinator
+                        .authorize_artifact(id, &value)
+                        .map_err(refused)?;
+                    token = value.clone();
+                    authorized = true;
                 }
-                let mut file = std::fs::File::create(&upload)
-                    .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
-                let mut written = 0u64;
-                while let Some(chunk) = field
-                    .chunk()
-                    .await
-                    .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
-                {
-                    written += chunk.len() as u64;
-                    if written > max {
-                        return Err(too_large(max));
-                    }
-                    std::io::Write::write_all(&mut file, &chunk)
-                        .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
-                }
-                size = Some(written);
-            } else {
-                let value = field
-                    .text()
-                    .await
-                    .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?;
                 fields.insert(name, value);
+                continue;
             }
+            if !authorized {
+                // The file comes before any token: refuse it unread.
+                return Err(refused(JobRefusal::Forbidden));
+            }
+            if size.is_some() {
+                return Err(crate::params::ParamError("file is given twice".into()).into_response());
+            }
+            if let Some(name) = field.file_name() {
+                filename = name.to_string();
+            }
+            let path = state.coordinator.artifact_upload_path(id);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
+            }
+            upload = Some(path.clone());
+            let mut file = std::fs::File::create(&path)
+                .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
+            let mut written = 0u64;
+            while let Some(chunk) = field
+                .chunk()
+                .await
+                .map_err(|e| crate::params::ParamError(e.body_text()).into_response())?
+            {
+                written += chunk.len() as u64;
+                if written > max {
+                    return Err(too_large(max));
+                }
+                std::io::Write::write_all(&mut file, &chunk)
+                    .map_err(|e| Refusal::Internal(e.to_string()).into_response())?;
+            }
+            size = Some(written);
         }
         Ok(())
     }
     .await;
-    let cleanup = || {
-        let _ = std::fs::remove_file(&upload);
+    // Whatever happens from here on, no partial upload stays behind.
+    let cleanup = |upload: &Option<std::path::PathBuf>| {
+        if let Some(path) = upload {
+            let _ = std::fs::remove_file(path);
+        }
     };
     if let Err(response) = result {
-        cleanup();
+        cleanup(&upload);
         return response;
     }
-    if token.is_empty() {
-        token = fields.get("token").cloned().unwrap_or_default();
+    if !authorized {
+        return refused(JobRefusal::Forbidden);
     }
-    let Some(size) = size else {
-        cleanup();
+    let (Some(size), Some(path)) = (size, upload.clone()) else {
         return crate::params::ParamError("file is missing".into()).into_response();
     };
     let expire_at = match crate::jobs::parse_expire_in(
         fields.get("expire_in").map(String::as_str).unwrap_or(""),
     ) {
-        Ok(seconds) => seconds.map(|s| crate::jobs::now() + s),
+        Ok(seconds) => seconds.map(|s| crate::jobs::now().saturating_add(s)),
         Err(e) => {
-            cleanup();
+            cleanup(&upload);
             return crate::params::ParamError(e).into_response();
         }
     };
@@ -406,7 +474,7 @@ pub async fn upload_artifacts(
         .cloned()
         .unwrap_or_else(|| "archive".into());
     if kind.is_empty() || !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        cleanup();
+        cleanup(&upload);
         return crate::params::ParamError("artifact_type is invalid".into()).into_response();
     }
     let artifact = crate::jobs::StoredArtifact {
@@ -420,11 +488,11 @@ pub async fn upload_artifacts(
     };
     match state
         .coordinator
-        .record_artifact(id, &token, &upload, &kind, artifact)
+        .record_artifact(id, &token, &path, &kind, artifact)
     {
         Ok(()) => (StatusCode::CREATED, Json(json!({}))).into_response(),
         Err(e) => {
-            cleanup();
+            cleanup(&upload);
             match e {
                 TraceError::Refused(refusal) => refused(refusal),
                 TraceError::Io(e) => Refusal::Internal(e).into_response(),
@@ -470,14 +538,15 @@ pub(crate) async fn serve_file(
                 .into_response()
         }
     };
-    let name = artifact.filename.replace(['"', '\\'], "_");
+    // Never the name as sent (`../../x`): its last component, safely quoted.
+    let name = trident_http::disposition::base_name(&artifact.filename, "artifacts.zip");
     (
         [
             ("content-type", "application/octet-stream".to_string()),
             ("content-length", artifact.size.to_string()),
             (
                 "content-disposition",
-                format!("attachment; filename=\"{name}\""),
+                trident_http::disposition::attachment(name),
             ),
         ],
         axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),

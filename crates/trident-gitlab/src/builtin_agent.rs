@@ -21,6 +21,9 @@ pub const BUILTIN_AGENT_ID: i64 = 0;
 /// How often a running job says it is alive (well inside any sane `job_stale_seconds`).
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
+/// Where jobs run in a runner.
+const WORKSPACE: &str = "/workspace";
+
 /// How long after_script may run.
 const AFTER_SCRIPT_TIMEOUT: u64 = 300;
 
@@ -63,7 +66,23 @@ impl BuiltinAgent {
         let waiter = self.coordinator.waiter(&agent);
         loop {
             match self.coordinator.assign(&agent, Duration::ZERO) {
-                Ok(Assignment::Job(job, token)) => self.run(*job, &token).await,
+                Ok(Assignment::Job(job, token)) => {
+                    // Each job on a task of its own: whatever goes wrong in one (a panic
+                    // included) fails that job, and the worker goes on with the next.
+                    let id = job.id;
+                    let worker = self.clone();
+                    let job_token = token.clone();
+                    let run = tokio::spawn(async move { worker.run(*job, &job_token).await });
+                    if let Err(e) = run.await {
+                        tracing::error!(job = id, error = %e, "built-in agent: the job's task failed");
+                        let update = StateUpdate {
+                            state: Some("failed".into()),
+                            failure_reason: Some("runner_system_failure".into()),
+                            ..StateUpdate::default()
+                        };
+                        let _ = self.coordinator.update(id, &token, update);
+                    }
+                }
                 Ok(Assignment::Nothing(_)) => {
                     // Woken by a new job, or after a while in case a wake-up was missed.
                     let _ = tokio::time::timeout(Duration::from_secs(5), waiter.notified()).await;
@@ -131,7 +150,11 @@ impl BuiltinAgent {
         };
         // The inactivity timeout only matters if the server dies mid-job: the runner it
         // adopts afterwards then goes away on its own.
-        let idle = Duration::from_secs(spec.timeout + AFTER_SCRIPT_TIMEOUT + 60);
+        let idle = Duration::from_secs(
+            spec.timeout
+                .saturating_add(AFTER_SCRIPT_TIMEOUT + 60)
+                .min(trident_core::model::MAX_DURATION_SECONDS),
+        );
         let runner = match self.manager.claim_runner(env_id, idle).await {
             Ok(runner) => runner,
             Err(e) => return Outcome::SystemFailure(format!("no runner: {e}")),
@@ -172,16 +195,12 @@ impl BuiltinAgent {
         if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
             return Outcome::SystemFailure(format!("placing the job's files: {e}"));
         }
-        // What an external agent would add itself: where the job runs.
-        let mut environment: Vec<(String, String)> = vec![
-            ("CI_PROJECT_DIR".into(), "/workspace".into()),
-            ("CI_BUILDS_DIR".into(), "/workspace".into()),
-        ];
-        environment.extend(
-            variables::for_job(job, token, &self.server_url, &self.identity())
+        // The job runs in the runner's workspace (CI_PROJECT_DIR says so).
+        let environment: Vec<(String, String)> =
+            variables::for_job(job, token, &self.server_url, &self.identity(), WORKSPACE)
                 .into_iter()
-                .map(|v| (v.key, v.value)),
-        );
+                .map(|v| (v.key, v.value))
+                .collect();
         let script = step_script(&spec.script);
         let outcome = self
             .execute(

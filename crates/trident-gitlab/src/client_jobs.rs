@@ -47,6 +47,10 @@ pub async fn create(State(state): State<GitlabState>, request: Request) -> Respo
         Ok(body) => body,
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
+    // serde would read a job from a JSON array too.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return error(StatusCode::BAD_REQUEST, "a job must be a JSON object");
+    }
     let spec: JobSpec = match serde_json::from_slice(&body) {
         Ok(spec) => spec,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
@@ -57,8 +61,12 @@ pub async fn create(State(state): State<GitlabState>, request: Request) -> Respo
     if spec.script.is_empty() {
         return error(StatusCode::BAD_REQUEST, "a job needs a script");
     }
-    if spec.timeout == 0 {
-        return error(StatusCode::BAD_REQUEST, "timeout must be at least 1 second");
+    let max = trident_core::model::MAX_DURATION_SECONDS;
+    if spec.timeout == 0 || spec.timeout > max {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("timeout must be between 1 and {max} seconds"),
+        );
     }
     for dependency in &spec.dependencies {
         if state.coordinator.get(*dependency).is_none() {
@@ -116,16 +124,24 @@ pub async fn trace(
         Some(Ok(offset)) => offset,
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "offset must be a number"),
     };
-    match state.coordinator.read_trace(id, offset) {
-        Ok(bytes) => (
-            [
-                ("content-type", "text/plain; charset=utf-8".to_string()),
-                ("x-trace-size", job.trace_size.to_string()),
-                ("x-job-status", job.status.as_str().to_string()),
-            ],
-            bytes,
-        )
-            .into_response(),
+    // Streamed: a trace may be as large as the limit allows, and is never read whole.
+    let headers = [
+        ("content-type", "text/plain; charset=utf-8".to_string()),
+        ("x-trace-size", job.trace_size.to_string()),
+        ("x-job-status", job.status.as_str().to_string()),
+    ];
+    match state.coordinator.open_trace(id, offset) {
+        Ok(Some(file)) => {
+            // What the job's record counts, no more (the agent may be appending right now).
+            let length = job.trace_size.saturating_sub(offset);
+            let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), length);
+            (
+                headers,
+                axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+            )
+                .into_response()
+        }
+        Ok(None) => (headers, "").into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -2,7 +2,6 @@
 //! waiting for a job, traces in files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +11,45 @@ use tokio::sync::Notify;
 
 use crate::jobs::{now, Job, JobSpec, JobStatus, StoredArtifact};
 use crate::store::{CiStore, RegisteredAgent, StoreResult};
-use crate::tokens;
+use crate::{tokens, trace};
+
+/// The failure reasons GitLab knows (`enums/ci/commit_status.rb`), as agents report them.
+pub const FAILURE_REASONS: &[&str] = &[
+    "unknown_failure",
+    "script_failure",
+    "api_failure",
+    "stuck_or_timeout_failure",
+    "runner_system_failure",
+    "missing_dependency_failure",
+    "runner_unsupported",
+    "stale_schedule",
+    "job_execution_timeout",
+    "archived_failure",
+    "unmet_prerequisites",
+    "scheduler_failure",
+    "data_integrity_failure",
+    "forward_deployment_failure",
+    "user_blocked",
+    "project_deleted",
+    "ci_quota_exceeded",
+    "pipeline_loop_detected",
+    "no_matching_runner",
+    "trace_size_exceeded",
+    "builds_disabled",
+    "environment_creation_failure",
+    "deployment_rejected",
+    "failed_outdated_deployment_job",
+    "job_execution_server_timeout",
+    "stuck_pending_with_matching_runners",
+    "stuck_pending_no_matching_runners",
+    "no_updates_running",
+    "no_updates_canceling",
+    "server_timeout_running",
+    "server_timeout_canceling",
+    "runner_configuration_error",
+    "runner_external_dependency_failure",
+    "runner_interrupted",
+];
 
 /// GitLab's prefix for job tokens.
 const JOB_TOKEN_PREFIX: &str = "glcbt-";
@@ -27,8 +64,27 @@ pub struct Coordinator {
     waiting: Mutex<HashMap<u64, (RegisteredAgent, Arc<Notify>)>>,
     next_waiter: AtomicU64,
     traces: PathBuf,
-    /// How long a final update may be held back (202) for a trace that is still incomplete.
-    trace_accept_timeout: Duration,
+    config: CoordinatorConfig,
+}
+
+/// The coordinator's knobs; `Default` holds the defaults.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// How long a final update may be held back (202) for a trace that is still incomplete
+    /// (GitLab: 5 minutes).
+    pub trace_accept_timeout: Duration,
+    /// A job's trace stops here: the job fails with `trace_size_exceeded`, as in GitLab, whose
+    /// default `ci_jobs_trace_size_limit` this is.
+    pub max_trace_bytes: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            trace_accept_timeout: Duration::from_secs(300),
+            max_trace_bytes: 100 * 1024 * 1024,
+        }
+    }
 }
 
 /// Every job, plus what makes the hot paths cheap: the pending ones by id (oldest first),
@@ -106,6 +162,9 @@ pub enum JobRefusal {
     Forbidden,
     /// The job is not running any more (the agent must stop; it learns why from the status).
     NotRunning(JobStatus),
+    /// The update could not be stored: nothing changed, and the agent should try again (a
+    /// 403 would tell it to abandon a job it is running).
+    Store(String),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -120,7 +179,7 @@ impl Coordinator {
     pub fn new(
         store: Arc<dyn CiStore>,
         traces: PathBuf,
-        trace_accept_timeout: Duration,
+        config: CoordinatorConfig,
     ) -> StoreResult<Coordinator> {
         std::fs::create_dir_all(&traces).map_err(|e| e.to_string())?;
         let mut jobs = Jobs::default();
@@ -134,7 +193,7 @@ impl Coordinator {
             waiting: Mutex::new(HashMap::new()),
             next_waiter: AtomicU64::new(0),
             traces,
-            trace_accept_timeout,
+            config,
         })
     }
 
@@ -179,6 +238,7 @@ impl Coordinator {
             started_at: None,
             finished_at: None,
             trace_size: 0,
+            trace_crc: None,
             last_seen: None,
             uploaded_artifacts: BTreeMap::new(),
             token_hash: None,
@@ -265,7 +325,6 @@ impl Coordinator {
         }
         // Stored first: if that fails the job is still pending, in memory as on disk.
         let job = self.save(&mut jobs, job)?;
-        jobs.trace_crc.insert(job.id, crc32fast::Hasher::new());
         Ok(Assignment::Job(Box::new(job), token))
     }
 
@@ -302,10 +361,8 @@ impl Coordinator {
         if let Some(status) = finished {
             if self.trace_incomplete(&mut jobs, &job, &update) {
                 let since = *jobs.held_back.entry(id).or_insert_with(Instant::now);
-                if since.elapsed() < self.trace_accept_timeout {
-                    let job = self
-                        .save(&mut jobs, job)
-                        .map_err(|_| JobRefusal::Forbidden)?;
+                if since.elapsed() < self.config.trace_accept_timeout {
+                    let job = self.save(&mut jobs, job).map_err(JobRefusal::Store)?;
                     return Ok(UpdateOutcome::Accepted(job));
                 }
                 tracing::warn!(
@@ -315,20 +372,25 @@ impl Coordinator {
             }
             job.status = status;
             job.finished_at = Some(now());
-            job.exit_code = update.exit_code.map(|c| c as i32);
+            job.exit_code = update.exit_code;
             // Like GitLab: a failure without a reason is an `unknown_failure`, and a
             // success has none.
+            // A reason GitLab does not know is an `unknown_failure` too
+            // (`CommitStatus.failure_reasons[reason]` is nil).
             job.failure_reason = match status {
-                JobStatus::Failed => update
-                    .failure_reason
-                    .or_else(|| Some("unknown_failure".into())),
+                JobStatus::Failed => Some(
+                    update
+                        .failure_reason
+                        .filter(|r| FAILURE_REASONS.contains(&r.as_str()))
+                        .unwrap_or_else(|| "unknown_failure".into()),
+                ),
                 _ => None,
             };
             job.token_hash = None;
         }
         self.save(&mut jobs, job)
             .map(UpdateOutcome::Done)
-            .map_err(|_| JobRefusal::Forbidden)
+            .map_err(JobRefusal::Store)
     }
 
     /// Whether the agent says its trace has bytes the stored one lacks. A trace of the right
@@ -345,18 +407,11 @@ impl Coordinator {
         };
         let actual = match jobs.trace_crc.get(&job.id) {
             Some(hasher) => hasher.clone().finalize(),
-            // Not in memory after a restart: computed once from the file.
-            None => match self.trace_checksum_from_file(job.id) {
-                Ok(hasher) => {
-                    let crc = hasher.clone().finalize();
-                    jobs.trace_crc.insert(job.id, hasher);
-                    crc
-                }
-                Err(e) => {
-                    tracing::warn!(job = job.id, error = %e, "reading the trace for its checksum");
-                    return false;
-                }
-            },
+            // After a restart: the checksum of what the agent sent is in the job's record
+            // (the stored trace is masked, so it cannot be recomputed from the file).
+            None => job
+                .trace_crc
+                .unwrap_or_else(|| crc32fast::Hasher::new().finalize()),
         };
         if actual == expected {
             return false;
@@ -373,26 +428,10 @@ impl Coordinator {
         true
     }
 
-    fn trace_checksum_from_file(&self, id: i64) -> std::io::Result<crc32fast::Hasher> {
-        let mut hasher = crc32fast::Hasher::new();
-        match std::fs::File::open(self.trace_path(id)) {
-            Ok(mut file) => {
-                let mut buffer = vec![0; 64 * 1024];
-                loop {
-                    let n = file.read(&mut buffer)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buffer[..n]);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        Ok(hasher)
-    }
-
-    /// Appends a piece of trace that must start where the trace ends.
+    /// Appends a piece of trace that must start where the trace ends. The job token and the
+    /// job's masked variables are masked in what is stored. A trace that reaches
+    /// `max_trace_bytes` ends there with a notice, and the job fails
+    /// (`trace_size_exceeded`): its agent hears 403 and stops.
     pub fn append_trace(
         &self,
         id: i64,
@@ -407,18 +446,46 @@ impl Coordinator {
         if start != job.trace_size {
             return Err(TraceError::Range(job.trace_size));
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.trace_path(id))
+        let limit = self.config.max_trace_bytes;
+        let room = limit.saturating_sub(job.trace_size);
+        let over = bytes.len() as u64 > room;
+        let piece = &bytes[..bytes.len().min(room as usize)];
+        let secrets: Vec<&[u8]> = std::iter::once(token.as_bytes())
+            .chain(
+                job.spec
+                    .variables
+                    .values()
+                    .filter(|v| v.masked())
+                    .map(|v| v.value().as_bytes()),
+            )
+            .collect();
+        let path = self.trace_path(id);
+        trace::append(&path, job.trace_size, piece, &secrets)
             .map_err(|e| TraceError::Io(e.to_string()))?;
-        file.write_all(bytes)
-            .map_err(|e| TraceError::Io(e.to_string()))?;
-        if let Some(hasher) = jobs.trace_crc.get_mut(&id) {
-            hasher.update(bytes);
-        }
-        job.trace_size += bytes.len() as u64;
+        // The checksum is of what the agent sent, which is what it will compare with.
+        let hasher = jobs
+            .trace_crc
+            .entry(id)
+            .or_insert_with(|| crc32fast::Hasher::new_with_initial(job.trace_crc.unwrap_or(0)));
+        hasher.update(piece);
+        job.trace_crc = Some(hasher.clone().finalize());
+        job.trace_size += piece.len() as u64;
         job.last_seen = Some(now());
+        if over {
+            let notice = trace::limit_notice(limit);
+            trace::append(&path, job.trace_size, notice.as_bytes(), &[])
+                .map_err(|e| TraceError::Io(e.to_string()))?;
+            job.trace_size += notice.len() as u64;
+            job.status = JobStatus::Failed;
+            job.failure_reason = Some("trace_size_exceeded".into());
+            job.finished_at = Some(now());
+            job.token_hash = None;
+            tracing::warn!(job = id, limit, "job failed: its trace reached the limit");
+            self.save(&mut jobs, job).map_err(TraceError::Io)?;
+            return Err(TraceError::Refused(JobRefusal::NotRunning(
+                JobStatus::Failed,
+            )));
+        }
         let size = job.trace_size;
         self.save(&mut jobs, job).map_err(TraceError::Io)?;
         Ok(size)
@@ -545,18 +612,9 @@ impl Coordinator {
         expired.len()
     }
 
-    /// The trace from `offset` on.
-    pub fn read_trace(&self, id: i64, offset: u64) -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        match std::fs::File::open(self.trace_path(id)) {
-            Ok(mut file) => {
-                file.seek(SeekFrom::Start(offset))?;
-                file.read_to_end(&mut out)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        Ok(out)
+    /// The trace from `offset` on, as a file to stream (`None`: nothing written yet).
+    pub fn open_trace(&self, id: i64, offset: u64) -> std::io::Result<Option<std::fs::File>> {
+        trace::open_at(&self.trace_path(id), offset)
     }
 
     fn trace_path(&self, id: i64) -> PathBuf {

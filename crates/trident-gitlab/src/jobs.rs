@@ -33,6 +33,37 @@ impl JobStatus {
     }
 }
 
+/// A variable of a job: a plain value, or `{"value": ..., "masked": true}` for a secret that
+/// agents hide in their logs and that trident masks in the stored trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobVariable {
+    Plain(String),
+    Detailed {
+        value: String,
+        #[serde(default)]
+        masked: bool,
+    },
+}
+
+impl JobVariable {
+    pub fn value(&self) -> &str {
+        match self {
+            JobVariable::Plain(value) | JobVariable::Detailed { value, .. } => value,
+        }
+    }
+
+    pub fn masked(&self) -> bool {
+        matches!(self, JobVariable::Detailed { masked: true, .. })
+    }
+}
+
+impl From<&str> for JobVariable {
+    fn from(value: &str) -> Self {
+        JobVariable::Plain(value.to_string())
+    }
+}
+
 /// A file placed in the job's working directory before it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobFile {
@@ -75,7 +106,7 @@ pub struct JobSpec {
     #[serde(default)]
     pub after_script: Vec<String>,
     #[serde(default)]
-    pub variables: BTreeMap<String, String>,
+    pub variables: BTreeMap<String, JobVariable>,
     #[serde(default)]
     pub tags: Vec<String>,
     /// Seconds.
@@ -97,7 +128,7 @@ pub struct Job {
     #[serde(flatten)]
     pub spec: JobSpec,
     pub status: JobStatus,
-    pub exit_code: Option<i32>,
+    pub exit_code: Option<i64>,
     pub failure_reason: Option<String>,
     /// The agent running or having run it.
     pub agent_id: Option<i64>,
@@ -106,6 +137,9 @@ pub struct Job {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub trace_size: u64,
+    /// CRC32 of the trace as its agent sent it (the stored one has its secrets masked).
+    #[serde(default)]
+    pub trace_crc: Option<u32>,
     /// Uploaded artifacts by type (`archive`, `junit`, ...).
     #[serde(default)]
     pub uploaded_artifacts: BTreeMap<String, StoredArtifact>,

@@ -18,6 +18,7 @@ mod params;
 mod runners;
 pub mod store;
 pub mod tokens;
+pub mod trace;
 pub mod variables;
 
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use axum::routing::{get, post, put};
 use axum::Router;
 
-pub use coordinator::Coordinator;
+pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use store::{AgentStore, CiStore, JobStore, RegisteredAgent};
 
 #[derive(Clone)]
@@ -63,6 +64,41 @@ pub(crate) struct GitlabState {
     pub store: Arc<dyn CiStore>,
     pub coordinator: Arc<Coordinator>,
     pub config: Arc<GitlabConfig>,
+}
+
+/// Grape's path rule for `/api/v4` (`Grape::Router.normalize_path`: repeated slashes
+/// squeezed, a trailing slash dropped), so that an agent configured with a URL ending in `/`
+/// reaches `//api/v4/runners`. Runs before routing; other paths pass untouched.
+pub fn normalize_path(mut request: axum::extract::Request) -> axum::extract::Request {
+    let path = request.uri().path();
+    let untidy = path.contains("//") || (path.len() > 1 && path.ends_with('/'));
+    if !untidy {
+        return request;
+    }
+    let mut squeezed = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && squeezed.ends_with('/')) {
+            squeezed.push(c);
+        }
+    }
+    while squeezed.len() > 1 && squeezed.ends_with('/') {
+        squeezed.pop();
+    }
+    if squeezed != "/api/v4" && !squeezed.starts_with("/api/v4/") {
+        return request;
+    }
+    let rebuilt = match request.uri().query() {
+        Some(query) => format!("{squeezed}?{query}"),
+        None => squeezed,
+    };
+    if let Ok(path_and_query) = rebuilt.parse::<axum::http::uri::PathAndQuery>() {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
 }
 
 /// The `/api/v4` routes and `/api/v1/jobs`.
@@ -116,4 +152,35 @@ pub fn router(
         )
         .with_state(state);
     Router::new().nest("/api/v4", api).merge(jobs_api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    fn normalized(path: &str) -> String {
+        let request = axum::extract::Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        normalize_path(request).uri().to_string()
+    }
+
+    #[test]
+    fn agent_paths_are_normalized_as_grape_does() {
+        assert_eq!(normalized("//api/v4/runners"), "/api/v4/runners");
+        assert_eq!(normalized("/api/v4/runners/"), "/api/v4/runners");
+        assert_eq!(
+            normalized("/api//v4///jobs/request//"),
+            "/api/v4/jobs/request"
+        );
+        assert_eq!(
+            normalized("/api/v4/jobs/1/trace/?x=1"),
+            "/api/v4/jobs/1/trace?x=1"
+        );
+        // The Poseidon API keeps its own rules.
+        assert_eq!(normalized("/api/v1/runners/"), "/api/v1/runners/");
+        assert_eq!(normalized("//api/v1/health"), "//api/v1/health");
+        assert_eq!(normalized("/api/v4/runners"), "/api/v4/runners");
+    }
 }

@@ -94,19 +94,42 @@ impl Params {
         }
     }
 
+    /// A Boolean as Grape coerces it (dry-types `Params::Bool`, `coercions/params.rb`): the
+    /// value's text is looked up in its true and false lists, so `False` (what Python agents
+    /// send), `on` and `no` work; an empty string is no value at all.
     pub fn boolean(&self, name: &str) -> Result<Option<bool>, ParamError> {
-        match self.0.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
-            Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
-            Some(_) => Err(ParamError(format!("{name} is invalid"))),
+        const TRUE: [&str; 14] = [
+            "1", "on", "On", "ON", "t", "true", "True", "TRUE", "T", "y", "yes", "Yes", "YES", "Y",
+        ];
+        const FALSE: [&str; 14] = [
+            "0", "off", "Off", "OFF", "f", "false", "False", "FALSE", "F", "n", "no", "No", "NO",
+            "N",
+        ];
+        let text = match self.0.get(name) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Bool(b)) => return Ok(Some(*b)),
+            Some(Value::String(s)) if s.is_empty() => return Ok(None),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(_) => return Err(ParamError(format!("{name} is invalid"))),
+        };
+        // dry-types lists three spellings of each word; any case is taken here.
+        let is = |list: &[&str]| list.iter().any(|v| v.eq_ignore_ascii_case(&text));
+        if is(&TRUE) {
+            Ok(Some(true))
+        } else if is(&FALSE) {
+            Ok(Some(false))
+        } else {
+            Err(ParamError(format!("{name} is invalid")))
         }
     }
 
+    /// An Integer as Grape coerces it (`Integer(text, 10)`); like GitLab, values beyond the
+    /// 64-bit range are invalid rather than truncated.
     pub fn integer(&self, name: &str) -> Result<Option<i64>, ParamError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::Number(n)) => n
                 .as_i64()
                 .map(Some)
@@ -117,6 +140,32 @@ impl Params {
                 .map(Some)
                 .map_err(|_| ParamError(format!("{name} is invalid"))),
             Some(_) => Err(ParamError(format!("{name} is invalid"))),
+        }
+    }
+
+    /// An integer that must lie in `range` (what the column behind it holds).
+    pub fn integer_in(
+        &self,
+        name: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<Option<i64>, ParamError> {
+        match self.integer(name)? {
+            Some(v) if !range.contains(&v) => Err(ParamError(format!(
+                "{name} is invalid: {v} is not between {} and {}",
+                range.start(),
+                range.end()
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// A string that must be one of `values` (Grape's `values:`).
+    pub fn one_of(&self, name: &str, values: &[&str]) -> Result<Option<String>, ParamError> {
+        match self.string(name)? {
+            Some(v) if !values.contains(&v.as_str()) => {
+                Err(ParamError(format!("{name} does not have a valid value")))
+            }
+            other => Ok(other),
         }
     }
 

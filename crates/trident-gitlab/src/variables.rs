@@ -25,11 +25,34 @@ fn public(key: &str, value: impl Into<String>) -> Variable {
     }
 }
 
+/// Where an agent checks the job out by default (gitlab-runner's `/builds/<project path>`);
+/// the built-in agent runs jobs in the runner's workspace instead.
+pub const DEFAULT_PROJECT_DIR: &str = "/builds/trident/jobs";
+
+/// GitLab's blank commit (`Gitlab::Git::BLANK_SHA`): trident's jobs have no repository.
+pub const BLANK_SHA: &str = "0000000000000000000000000000000000000000";
+
+/// The branch every job is said to run on.
+const BRANCH: &str = "main";
+
 /// The predefined variables, then the job's own (which win where names clash, as the
 /// later definition does in GitLab).
 ///
-/// `server_url` is how the agent reaches trident (`http://host:port`).
-pub fn for_job(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent) -> Vec<Variable> {
+/// Every variable GitLab's `Ci::Build#variables` always sends is here (agents crash without
+/// some of them), with consistent values for a job without a repository: each trident job
+/// is its own one-job pipeline of the project `trident/jobs`, on branch `main` at the blank
+/// commit. Variables GitLab sends only under conditions trident never meets (a container
+/// registry, Pages, environments, a user, tags) are left out.
+///
+/// `server_url` is how the agent reaches trident (`http://host:port`); `project_dir` is where
+/// the agent runs the job (`CI_PROJECT_DIR`).
+pub fn for_job(
+    job: &Job,
+    token: &str,
+    server_url: &str,
+    agent: &RegisteredAgent,
+    project_dir: &str,
+) -> Vec<Variable> {
     let spec = &job.spec;
     let url = server_url.trim_end_matches('/');
     let (protocol, authority) = url.split_once("://").unwrap_or(("http", url));
@@ -41,21 +64,43 @@ pub fn for_job(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent
         ),
     };
     let tags = serde_json::to_string(&agent.tag_list).unwrap_or_else(|_| "[]".into());
+    let version = env!("CARGO_PKG_VERSION");
+    let mut version_parts = version.split('.');
+    let mut next_part = || version_parts.next().unwrap_or("0").to_string();
+    let (major, minor, patch) = (next_part(), next_part(), next_part());
+    let created = rfc3339(job.created_at);
+    let started = rfc3339(job.started_at.unwrap_or(job.created_at));
+    let id = job.id.to_string();
+    let job_url = format!("{url}/api/v1/jobs/{}", job.id);
+    let project_url = format!("{url}/trident/jobs");
     let mut variables = vec![
         public("CI", "true"),
         public("GITLAB_CI", "true"),
+        public("GITLAB_FEATURES", ""),
         public("CI_SERVER", "yes"),
         public("CI_SERVER_NAME", "trident"),
-        public("CI_SERVER_VERSION", env!("CARGO_PKG_VERSION")),
+        public("CI_SERVER_VERSION", version),
+        public("CI_SERVER_VERSION_MAJOR", major),
+        public("CI_SERVER_VERSION_MINOR", minor),
+        public("CI_SERVER_VERSION_PATCH", patch),
+        public("CI_SERVER_REVISION", ""),
         public("CI_SERVER_URL", url),
+        public("CI_SERVER_FQDN", authority),
         public("CI_SERVER_PROTOCOL", protocol),
         public("CI_SERVER_HOST", host),
         public("CI_SERVER_PORT", port),
+        public("CI_SERVER_SHELL_SSH_HOST", host),
+        public("CI_SERVER_SHELL_SSH_PORT", "22"),
         public("CI_API_V4_URL", format!("{url}/api/v4")),
-        public("CI_JOB_ID", job.id.to_string()),
+        public("CI_API_GRAPHQL_URL", format!("{url}/api/graphql")),
+        public("CI_TEMPLATE_REGISTRY_HOST", "registry.gitlab.com"),
+        public("CI_JOB_ID", id.clone()),
         public("CI_JOB_NAME", spec.name.clone()),
+        public("CI_JOB_NAME_SLUG", slug(&spec.name)),
+        public("CI_JOB_GROUP_NAME", spec.name.clone()),
         public("CI_JOB_STAGE", "test"),
-        public("CI_JOB_URL", format!("{url}/api/v1/jobs/{}", job.id)),
+        public("CI_JOB_URL", job_url.clone()),
+        public("CI_JOB_STARTED_AT", started),
         public("CI_JOB_TIMEOUT", spec.timeout.to_string()),
         Variable {
             key: "CI_JOB_TOKEN".into(),
@@ -63,13 +108,44 @@ pub fn for_job(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent
             public: false,
             masked: true,
         },
-        public("CI_PIPELINE_ID", job.id.to_string()),
-        public("CI_PIPELINE_IID", job.id.to_string()),
-        public("CI_PIPELINE_SOURCE", "api"),
         public("CI_NODE_TOTAL", "1"),
+        public("CI_PIPELINE_ID", id.clone()),
+        public("CI_PIPELINE_IID", id.clone()),
+        public("CI_PIPELINE_URL", job_url),
+        public("CI_PIPELINE_SOURCE", "api"),
+        public("CI_PIPELINE_CREATED_AT", created.clone()),
+        public("CI_PIPELINE_NAME", spec.name.clone()),
+        public("CI_CONFIG_PATH", ".gitlab-ci.yml"),
+        public("CI_COMMIT_SHA", BLANK_SHA),
+        public("CI_COMMIT_SHORT_SHA", &BLANK_SHA[..8]),
+        public("CI_COMMIT_BEFORE_SHA", BLANK_SHA),
+        public("CI_COMMIT_REF_NAME", BRANCH),
+        public("CI_COMMIT_REF_SLUG", BRANCH),
+        public("CI_COMMIT_BRANCH", BRANCH),
+        public("CI_COMMIT_REF_PROTECTED", "false"),
+        public("CI_COMMIT_TITLE", spec.name.clone()),
+        public("CI_COMMIT_MESSAGE", spec.name.clone()),
+        public("CI_COMMIT_MESSAGE_IS_TRUNCATED", "false"),
+        public("CI_COMMIT_DESCRIPTION", ""),
+        public("CI_COMMIT_TIMESTAMP", created),
+        public("CI_COMMIT_AUTHOR", "trident <trident@localhost>"),
+        public("CI_DEFAULT_BRANCH", BRANCH),
         public("CI_PROJECT_ID", "0"),
-        public("CI_PROJECT_NAME", "trident"),
+        public("CI_PROJECT_NAME", "jobs"),
+        public("CI_PROJECT_TITLE", "jobs"),
+        public("CI_PROJECT_DESCRIPTION", ""),
         public("CI_PROJECT_PATH", "trident/jobs"),
+        public("CI_PROJECT_PATH_SLUG", "trident-jobs"),
+        public("CI_PROJECT_NAMESPACE", "trident"),
+        public("CI_PROJECT_NAMESPACE_ID", "0"),
+        public("CI_PROJECT_ROOT_NAMESPACE", "trident"),
+        public("CI_PROJECT_URL", project_url.clone()),
+        public("CI_PROJECT_VISIBILITY", "private"),
+        public("CI_PROJECT_REPOSITORY_LANGUAGES", ""),
+        public("CI_PROJECT_CLASSIFICATION_LABEL", ""),
+        public("CI_PROJECT_DIR", project_dir),
+        public("CI_BUILDS_DIR", builds_dir(project_dir)),
+        public("CI_REPOSITORY_URL", format!("{project_url}.git")),
         public("CI_RUNNER_ID", agent.id.to_string()),
         public(
             "CI_RUNNER_DESCRIPTION",
@@ -83,8 +159,45 @@ pub fn for_job(job: &Job, token: &str, server_url: &str, agent: &RegisteredAgent
     if let Some(image) = &spec.image {
         variables.push(public("CI_JOB_IMAGE", image.clone()));
     }
-    variables.extend(spec.variables.iter().map(|(k, v)| public(k, v.clone())));
+    variables.extend(spec.variables.iter().map(|(k, v)| Variable {
+        key: k.clone(),
+        value: v.value().to_string(),
+        public: !v.masked(),
+        masked: v.masked(),
+    }));
     variables
+}
+
+/// `/builds/trident/jobs` → `/builds` (gitlab-runner's builds dir holds the project path).
+fn builds_dir(project_dir: &str) -> &str {
+    project_dir
+        .strip_suffix("/trident/jobs")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(project_dir)
+}
+
+/// Unix seconds as GitLab's `iso8601` (`2026-12-01T08:57:16Z`).
+fn rfc3339(unix_seconds: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_seconds);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// GitLab's `Gitlab::Utils.slugify`: lower case, anything but `a-z0-9` becomes `-`, at most
+/// 63 characters, no leading or trailing `-`.
+pub fn slug(text: &str) -> String {
+    let lowered: String = text
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    lowered.trim_matches('-').to_string()
 }
 
 #[cfg(test)]
@@ -101,7 +214,7 @@ mod tests {
                 execution_environment_id: None,
                 script: vec!["true".into()],
                 after_script: vec![],
-                variables: [("CI_JOB_STAGE".to_string(), "deploy".to_string())].into(),
+                variables: [("CI_JOB_STAGE".to_string(), "deploy".into())].into(),
                 tags: vec![],
                 timeout: 600,
                 files: vec![],
@@ -116,6 +229,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             trace_size: 0,
+            trace_crc: None,
             uploaded_artifacts: Default::default(),
             last_seen: None,
             token_hash: None,
@@ -137,7 +251,13 @@ mod tests {
             tag_list: vec!["linux".into(), "big".into()],
             ..RegisteredAgent::default()
         };
-        let v = for_job(&job(), "glcbt-secret", "http://10.0.0.1:7200/", &agent);
+        let v = for_job(
+            &job(),
+            "glcbt-secret",
+            "http://10.0.0.1:7200/",
+            &agent,
+            DEFAULT_PROJECT_DIR,
+        );
         assert_eq!(value(&v, "CI_SERVER_URL"), Some("http://10.0.0.1:7200"));
         assert_eq!(value(&v, "CI_SERVER_HOST"), Some("10.0.0.1"));
         assert_eq!(value(&v, "CI_SERVER_PORT"), Some("7200"));
@@ -160,7 +280,7 @@ mod tests {
         assert!(token.masked && !token.public);
         assert_eq!(token.value, "glcbt-secret");
 
-        let v = for_job(&job(), "t", "https://ci.example.org", &agent);
+        let v = for_job(&job(), "t", "https://ci.example.org", &agent, "/workspace");
         assert_eq!(value(&v, "CI_SERVER_HOST"), Some("ci.example.org"));
         assert_eq!(value(&v, "CI_SERVER_PORT"), Some("443"));
     }

@@ -68,6 +68,10 @@ pub struct FileConfig {
     cpu_mhz_per_core: Option<f64>,
     /// On SIGTERM, how long requests and executions in flight may take before they are cut.
     shutdown_grace_seconds: Option<u64>,
+    /// A client must send a whole request header within this long (slow clients are cut).
+    http_header_timeout_seconds: Option<u64>,
+    /// A keep-alive connection waiting longer than this for its next request is closed.
+    http_idle_timeout_seconds: Option<u64>,
     /// Run jobs on this machine with the built-in agent (default true).
     builtin_agent: Option<bool>,
     builtin_agent_tags: Option<Vec<String>>,
@@ -77,6 +81,8 @@ pub struct FileConfig {
     job_stale_seconds: Option<u64>,
     /// Largest artifact file accepted, in MB (default 100).
     max_artifacts_mb: Option<u64>,
+    /// Largest job trace kept, in MB (default 100, GitLab's); past it the job fails.
+    max_trace_mb: Option<u64>,
     /// How long `POST /api/v4/jobs/request` waits for a job (GitLab's proxy: 50 s; 0 = at once).
     job_request_poll_seconds: Option<u64>,
     /// How long a job's final state may wait (202) for the rest of a trace that does not
@@ -158,6 +164,7 @@ pub struct Settings {
     pub min_cpu_cores: f64,
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
+    pub connection_limits: trident_http::server::ConnectionLimits,
     pub runner_id_base: u32,
     pub job_request_poll: Duration,
     pub trace_accept_timeout: Duration,
@@ -166,6 +173,7 @@ pub struct Settings {
     pub builtin_agent_concurrency: usize,
     pub job_stale_after: Duration,
     pub max_artifact_bytes: u64,
+    pub max_trace_bytes: u64,
     pub destroy_runners_on_exit: bool,
     pub network: NetworkFileConfig,
     pub log: String,
@@ -215,6 +223,17 @@ impl Settings {
             min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
             cpu_mhz_per_core: file.cpu_mhz_per_core,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
+            connection_limits: {
+                let defaults = trident_http::server::ConnectionLimits::default();
+                trident_http::server::ConnectionLimits {
+                    header_timeout: file
+                        .http_header_timeout_seconds
+                        .map_or(defaults.header_timeout, |s| Duration::from_secs(s.max(1))),
+                    idle_timeout: file
+                        .http_idle_timeout_seconds
+                        .map_or(defaults.idle_timeout, |s| Duration::from_secs(s.max(1))),
+                }
+            },
             runner_id_base,
             job_request_poll: Duration::from_secs(file.job_request_poll_seconds.unwrap_or(50)),
             trace_accept_timeout: Duration::from_secs(
@@ -228,6 +247,7 @@ impl Settings {
             builtin_agent_concurrency: file.builtin_agent_concurrency.unwrap_or(2).max(1),
             job_stale_after: Duration::from_secs(file.job_stale_seconds.unwrap_or(1800).max(1)),
             max_artifact_bytes: file.max_artifacts_mb.unwrap_or(100) * 1024 * 1024,
+            max_trace_bytes: file.max_trace_mb.unwrap_or(100).max(1) * 1024 * 1024,
             destroy_runners_on_exit: args.destroy_runners_on_exit
                 || file.destroy_runners_on_exit.unwrap_or(false),
             network: file.network,

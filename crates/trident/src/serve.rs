@@ -58,7 +58,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         trident_gitlab::Coordinator::new(
             store.clone(),
             data_dir.join("traces"),
-            settings.trace_accept_timeout,
+            trident_gitlab::CoordinatorConfig {
+                trace_accept_timeout: settings.trace_accept_timeout,
+                max_trace_bytes: settings.max_trace_bytes,
+            },
         )
         .map_err(anyhow::Error::msg)?,
     );
@@ -105,13 +108,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     systemd_ready();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let mut stop_rx = stop_rx;
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let server = trident_http::server::serve(
+        listener,
+        app,
+        settings.connection_limits,
+        trident_gitlab::normalize_path,
+        async move {
+            let mut stop_rx = stop_rx;
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        },
+    );
+    let mut server = std::pin::pin!(server);
     tokio::select! {
-        result = &mut server => result?,
+        () = &mut server => {}
         () = stop_signal => {
             tracing::info!("stopping: no new connections; finishing requests in flight");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

@@ -5,41 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::gitlab::{submit_id as submit, wait_finished};
 use common::{b64, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-async fn submit(server: &Server, job: Value) -> i64 {
-    let r = server.send(Method::POST, "/jobs", job).await;
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
-}
-
-async fn wait_finished(server: &Server, id: i64) -> (Value, String) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let job: Value = server
-            .get(&format!("/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        if matches!(
-            job["status"].as_str(),
-            Some("success" | "failed" | "canceled")
-        ) {
-            let trace = server
-                .get(&format!("/jobs/{id}/trace"))
-                .await
-                .text()
-                .await
-                .unwrap();
-            return (job, trace);
-        }
-        assert!(Instant::now() < deadline, "job {id} never finished: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_builtin_agent_runs_jobs_in_sandbox_runners() {

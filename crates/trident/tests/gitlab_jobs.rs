@@ -2,77 +2,12 @@
 
 mod common;
 
+use common::gitlab::{
+    crc, job_status, patch_trace, put_state, register, request_job, submit, take, v4,
+};
 use common::{Options, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-fn v4(server: &Server, path: &str) -> String {
-    format!("http://{}/api/v4{path}", server.address)
-}
-
-async fn register(server: &Server, extra: Value) -> String {
-    let mut body = json!({"token": "reg"});
-    body.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    let r = server
-        .http
-        .post(v4(server, "/runners"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    v["token"].as_str().unwrap().to_string()
-}
-
-async fn request_job(server: &Server, agent: &str) -> (u16, reqwest::header::HeaderMap, Value) {
-    let r = server
-        .http
-        .post(v4(server, "/jobs/request"))
-        .json(&json!({"token": agent, "info": {"features": {"trace_sections": true}}}))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    (status, headers, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn submit(server: &Server, job: Value) -> Value {
-    let r = server.send(Method::POST, "/jobs", job).await;
-    assert_eq!(r.status(), 201);
-    r.json().await.unwrap()
-}
-
-async fn patch_trace(
-    server: &Server,
-    id: i64,
-    token: &str,
-    range: Option<&str>,
-    body: &str,
-) -> reqwest::Response {
-    let mut request = server
-        .http
-        .patch(v4(server, &format!("/jobs/{id}/trace")))
-        .header("JOB-TOKEN", token)
-        .body(body.to_string());
-    if let Some(range) = range {
-        request = request.header("Content-Range", range);
-    }
-    request.send().await.unwrap()
-}
-
-async fn put_state(server: &Server, id: i64, body: Value) -> reqwest::Response {
-    server
-        .http
-        .put(v4(server, &format!("/jobs/{id}")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_take_jobs_stream_traces_and_report() {
@@ -556,32 +491,6 @@ async fn artifacts_are_stored_served_to_dependants_and_expire() {
         .join(c_id.to_string())
         .join("archive")
         .exists());
-}
-
-fn crc(text: &str) -> String {
-    format!("crc32:{:08x}", crc32fast::hash(text.as_bytes()))
-}
-
-async fn job_status(server: &Server, id: i64) -> Value {
-    let job: Value = server
-        .get(&format!("/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    job["status"].clone()
-}
-
-/// Takes a fresh job as `agent`: its id and token.
-async fn take(server: &Server, agent: &str, name: &str) -> (i64, String) {
-    let job = submit(server, json!({"name": name, "script": ["true"]})).await;
-    let (status, _, payload) = request_job(server, agent).await;
-    assert_eq!(status, 201);
-    assert_eq!(payload["id"], job["id"]);
-    (
-        payload["id"].as_i64().unwrap(),
-        payload["token"].as_str().unwrap().to_string(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

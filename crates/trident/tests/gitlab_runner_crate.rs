@@ -15,6 +15,7 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::gitlab::{submit_id as submit, wait_finished_within};
 use common::{Options, Server};
 use gitlab_runner::job::Job;
 use gitlab_runner::{
@@ -269,38 +270,6 @@ fn server() -> Server {
     })
 }
 
-async fn submit(server: &Server, job: Value) -> i64 {
-    let r = server.send(Method::POST, "/jobs", job).await;
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
-}
-
-async fn finished(server: &Server, id: i64) -> (Value, String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job: Value = server
-            .get(&format!("/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        if matches!(
-            job["status"].as_str(),
-            Some("success" | "failed" | "canceled")
-        ) {
-            let trace = server
-                .get(&format!("/jobs/{id}/trace"))
-                .await
-                .text()
-                .await
-                .unwrap();
-            return (job, trace);
-        }
-        assert!(Instant::now() < deadline, "job {id} never finished: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done() {
@@ -324,7 +293,7 @@ async fn the_crate_runs_a_job_and_a_dependant_gets_its_artifacts() {
     )
     .await;
     let seen = agent.take_job().await;
-    let (job, trace) = finished(&server, build).await;
+    let (job, trace) = wait_finished_within(&server, build, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "success", "{job}\n{trace}");
     assert_eq!(
         trace,
@@ -370,7 +339,7 @@ async fn the_crate_runs_a_job_and_a_dependant_gets_its_artifacts() {
     )
     .await;
     agent.take_job().await;
-    let (job, trace) = finished(&server, test).await;
+    let (job, trace) = wait_finished_within(&server, test, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "success", "{job}\n{trace}");
     assert_eq!(
         trace,
@@ -390,7 +359,7 @@ async fn a_failing_script_fails_the_job_and_after_script_still_runs() {
     )
     .await;
     agent.take_job().await;
-    let (job, trace) = finished(&server, id).await;
+    let (job, trace) = wait_finished_within(&server, id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "failed", "{job}");
     // The crate reports only the state: GitLab calls that an unknown failure.
     assert_eq!(job["failureReason"], "unknown_failure", "{job}");
@@ -441,7 +410,7 @@ async fn the_crate_sees_a_cancellation_in_trident_s_answer() {
         seen.saw_cancel && seen.cleaned_up
     })
     .await;
-    let (job, trace) = finished(&server, id).await;
+    let (job, trace) = wait_finished_within(&server, id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "canceled");
     assert!(trace.starts_with("$ until-cancelled\ntick\n"), "{trace}");
 }
@@ -456,7 +425,7 @@ async fn a_stale_trace_offset_gets_416_with_the_end_to_resume_from() {
     )
     .await;
     let seen = agent.take_job().await;
-    let (job, trace) = finished(&server, id).await;
+    let (job, trace) = wait_finished_within(&server, id, Duration::from_secs(60)).await;
 
     let first = "a chunk whose answer was lost\n";
     assert_eq!(

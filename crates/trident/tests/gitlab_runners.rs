@@ -3,12 +3,9 @@
 
 mod common;
 
+use common::gitlab::v4;
 use common::{Options, Server};
 use serde_json::{json, Value};
-
-fn v4(server: &Server, path: &str) -> String {
-    format!("http://{}/api/v4{path}", server.address)
-}
 
 async fn post_json(server: &Server, path: &str, body: Value) -> (u16, Value) {
     let r = server

@@ -383,3 +383,112 @@ async fn hostile_shapes_and_numbers_are_refused_and_harm_nothing() {
     run.assert_well_formed();
     assert_eq!(run.stdout(), "3");
 }
+
+/// Reads from a raw connection until the server closes it; `None` if it stays open for
+/// `bound`.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, bound: Duration) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(bound, read).await.ok().map(|()| seen)
+}
+
+/// Slow or silent clients cannot hold connections: a header must arrive whole within the
+/// header timeout, a kept-alive connection is closed after the idle timeout, and a body
+/// declared too large is refused before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_clients_are_cut_off() {
+    let server = Server::start_with(common::Options {
+        config_yaml: Some(
+            "http_header_timeout_seconds: 2\nhttp_idle_timeout_seconds: 3\nmax_body_mb: 1\n".into(),
+        ),
+        ..common::Options::default()
+    });
+    let connect = || tokio::net::TcpStream::connect(&server.address);
+
+    // Fifty connections that say nothing at all.
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(connect().await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    for tcp in &mut silent {
+        assert!(
+            closed_within(tcp, Duration::from_secs(10)).await.is_some(),
+            "a silent connection stayed open"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+
+    // A header sent one line a second never completes in time.
+    let mut slow = connect().await.unwrap();
+    let trickle = async {
+        for line in [
+            "GET /api/v1/health HTTP/1.1\r\n",
+            "Host: x\r\n",
+            "X-A: 1\r\n",
+            "X-B: 2\r\n",
+            "X-C: 3\r\n",
+        ] {
+            if slow.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(6), trickle).await;
+    assert!(closed_within(&mut slow, Duration::from_secs(3))
+        .await
+        .is_some());
+
+    // A keep-alive client that asks now and then is served; an idle one is let go.
+    let mut alive = connect().await.unwrap();
+    for _ in 0..3 {
+        alive
+            .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = alive.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 204"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let idle_since = std::time::Instant::now();
+    assert!(closed_within(&mut alive, Duration::from_secs(6))
+        .await
+        .is_some());
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(1400),
+        "closed too early"
+    );
+
+    // A declared body above the limit: 413 at once, no waiting for the body.
+    let mut big = connect().await.unwrap();
+    big.write_all(
+        b"PUT /api/v1/execution-environments/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let answer = closed_within(&mut big, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 413"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // The server is fine.
+    assert_eq!(server.get("/health").await.status(), 204);
+}

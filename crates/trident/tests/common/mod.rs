@@ -2,6 +2,8 @@
 //! talks to it with real HTTP and WebSocket clients.
 #![allow(dead_code)]
 
+pub mod gitlab;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
