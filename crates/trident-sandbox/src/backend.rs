@@ -21,6 +21,7 @@ use trident_core::model::{ExecutionEnvironment, FileCopy, FileHeader, MappedPort
 
 use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
+use crate::host_limits;
 use crate::images::Images;
 use crate::network::{self, NetworkConfig, RunnerNetwork};
 use crate::protocol::{recv_frame, send_frame, Request, Response, MAX_FRAME};
@@ -51,6 +52,13 @@ pub struct NativeConfig {
     /// How runners of environments with network access reach the outside (None: such
     /// environments are refused).
     pub network: Option<NetworkConfig>,
+    /// Host paths no runner may see (the config file; the data dir is always added).
+    pub hidden_paths: Vec<PathBuf>,
+    /// Processes all runners of this instance may have together (None: three quarters of
+    /// the host's process table).
+    pub max_runner_processes: Option<u64>,
+    /// Lift `fs.file-max` to its maximum at start, as systemd does (see `host_limits`).
+    pub lift_file_max: bool,
 }
 
 impl NativeConfig {
@@ -67,6 +75,9 @@ impl NativeConfig {
             start_timeout: Duration::from_secs(30),
             first_runner_id: 1_000_000_000,
             network: None,
+            hidden_paths: Vec::new(),
+            max_runner_processes: None,
+            lift_file_max: true,
         }
     }
 }
@@ -116,9 +127,27 @@ impl NativeBackend {
         let runners_dir = config.data_dir.join("runners");
         std::fs::create_dir_all(&runners_dir)?;
         std::fs::set_permissions(&runners_dir, std::fs::Permissions::from_mode(0o700))?;
+        let cgroup_parent = format!("trident/{instance}");
+        // All runners together can never take the host's whole process table.
+        let processes = config
+            .max_runner_processes
+            .unwrap_or_else(host_limits::runner_processes);
+        cgroups
+            .limit_subtree(&cgroup_parent, processes)
+            .map_err(|e| anyhow::anyhow!("limiting the processes of all runners: {e}"))?;
+        if config.lift_file_max {
+            match host_limits::lift_file_max() {
+                Ok(Some(before)) => tracing::info!(
+                    before,
+                    "fs.file-max lifted to its maximum, as systemd does (open files are charged to each runner's memory)"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot lift fs.file-max: one runner may exhaust the host's file table"),
+            }
+        }
         Ok(NativeBackend {
             cgroups,
-            cgroup_parent: format!("trident/{instance}"),
+            cgroup_parent,
             runners_dir,
             exe: std::env::current_exe()?,
             config,
@@ -251,6 +280,13 @@ impl NativeBackend {
             user_gid: self.config.user_gid,
             uid_base: self.config.first_runner_id + slot * IDS_PER_RUNNER,
             network: self.runner_network(spec, slot)?,
+            hidden_paths: self
+                .config
+                .hidden_paths
+                .iter()
+                .chain(std::iter::once(&self.config.data_dir))
+                .cloned()
+                .collect(),
         })
     }
 

@@ -136,6 +136,28 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Creates the cgroup `name` (a parent of runners' cgroups) with a pids limit for all it
+    /// will hold together.
+    pub fn limit_subtree(&self, name: &str, pids: u64) -> io::Result<()> {
+        if self.version == CgroupVersion::V2 {
+            let mut ancestor = self.root.clone();
+            enable_v2_controllers(&ancestor)?;
+            for part in Path::new(name).components() {
+                ancestor.push(part);
+                fs::create_dir_all(&ancestor)?;
+                enable_v2_controllers(&ancestor)?;
+            }
+        }
+        for dir in self.dirs(name) {
+            fs::create_dir_all(&dir)?;
+        }
+        write(
+            &self.controller_dir("pids", name),
+            "pids.max",
+            &pids.to_string(),
+        )
+    }
+
     /// Moves a process (and its future children) into the cgroup.
     pub fn join(&self, name: &str, pid: u32) -> io::Result<()> {
         for dir in self.dirs(name) {
@@ -267,6 +289,89 @@ impl Cgroups {
             .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
             .collect()
     }
+}
+
+/// Mounts, read-only at `target`, the cgroup hierarchies as the calling process's cgroup
+/// namespace shows them: inside a runner, its own cgroup is the root. On v2 that is one
+/// cgroup2 mount; on v1 a tmpfs with one mount per hierarchy the host has, with the same
+/// controllers (as Docker lays it out).
+pub fn mount_view(target: &Path) -> io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let failed = |what: &str, e: nix::Error| {
+        io::Error::other(format!("mounting the cgroup view ({what}): {e}"))
+    };
+    if Cgroups::detect()?.version() == CgroupVersion::V2 {
+        return mount(
+            Some("cgroup2"),
+            target,
+            Some("cgroup2"),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| failed("cgroup2", e));
+    }
+    mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=16k,mode=0755"),
+    )
+    .map_err(|e| failed("tmpfs", e))?;
+    for (name, options) in v1_hierarchies()? {
+        let at = target.join(&name);
+        fs::create_dir_all(&at)?;
+        mount(
+            Some("cgroup"),
+            &at,
+            Some("cgroup"),
+            flags,
+            Some(options.as_str()),
+        )
+        .map_err(|e| failed(&name, e))?;
+    }
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(|e| failed("read-only", e))
+}
+
+/// The host's v1 hierarchies: the name each is mounted under in /sys/fs/cgroup and its
+/// controllers (and `name=`), from the mount table.
+fn v1_hierarchies() -> io::Result<Vec<(String, String)>> {
+    let table = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut found = Vec::new();
+    for line in table.lines() {
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut after = after.split(' ');
+        if after.next() != Some("cgroup") {
+            continue;
+        }
+        let Some(point) = before.split(' ').nth(4) else {
+            continue;
+        };
+        let Some(name) = point.strip_prefix("/sys/fs/cgroup/") else {
+            continue;
+        };
+        if name.contains('/') {
+            continue;
+        }
+        let options: Vec<&str> = after
+            .nth(1)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
+            .collect();
+        found.push((name.to_string(), options.join(",")));
+    }
+    Ok(found)
 }
 
 const SWAP_FILES: [&str; 2] = ["memory.memsw.limit_in_bytes", "memory.swap.max"];

@@ -190,7 +190,7 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
                     remove_any(&entry.path());
                 }
             }
-        } else if let Ok(Some((dir, name))) = walk_to_parent(&resolve(path), false) {
+        } else if let Ok(Some((dir, name))) = walk_path(&resolve(path), false, false) {
             remove_any(&fd_path(&dir).join(name));
         }
     }
@@ -213,16 +213,16 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
 fn copy_one(file: &FileCopy) -> io::Result<()> {
     let target = resolve(&file.path);
     if file.path.ends_with('/') {
-        let (dir, name) = walk_to_parent(&target, true)?.ok_or_else(missing)?;
-        if name.is_empty() {
-            return Ok(()); // the root itself
-        }
-        open_dir_step(&dir, &name, true).map(drop)
+        // The directory itself is walked into like any other: a planted link in its place
+        // is replaced, root's own is followed.
+        walk_path(&target, true, true)?
+            .ok_or_else(missing)
+            .map(drop)
     } else {
         let content = base64::engine::general_purpose::STANDARD
             .decode(&file.content_base64)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let (dir, name) = walk_to_parent(&target, true)?.ok_or_else(missing)?;
+        let (dir, name) = walk_path(&target, true, false)?.ok_or_else(missing)?;
         if name.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
@@ -244,10 +244,11 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
 const MAX_LINKS: usize = 40;
 
 /// Walks to the directory that holds `path`'s last component and returns it (opened) with
-/// that component's name. With `create`, missing directories are made (1777) and planted
-/// symlinks in the way are replaced; without, a planted symlink or a missing directory means
-/// there is nothing there (`Ok(None)`).
-fn walk_to_parent(path: &Path, create: bool) -> io::Result<Option<(OwnedFd, String)>> {
+/// that component's name, or, with `into_last`, to that last directory itself (the name is
+/// then empty). With `create`, missing directories are made (1777) and planted symlinks in
+/// the way are replaced; without, a planted symlink or a missing directory means there is
+/// nothing there (`Ok(None)`).
+fn walk_path(path: &Path, create: bool, into_last: bool) -> io::Result<Option<(OwnedFd, String)>> {
     use rustix::fs::{openat, Mode, OFlags, CWD};
     let root = || -> io::Result<OwnedFd> {
         Ok(openat(
@@ -263,7 +264,7 @@ fn walk_to_parent(path: &Path, create: bool) -> io::Result<Option<(OwnedFd, Stri
     let mut links = 0;
     while let Some(name) = pending.pop() {
         let here = stack.last().expect("never empty");
-        if pending.is_empty() {
+        if pending.is_empty() && !into_last {
             // The last component: the caller acts on it.
             let here = rustix::io::dup(here)?;
             return Ok(Some((here, name)));
@@ -293,8 +294,9 @@ fn walk_to_parent(path: &Path, create: bool) -> io::Result<Option<(OwnedFd, Stri
             }
         }
     }
-    // The path was `/` (or only `.`/`..`): the root's "last component" is itself.
-    Ok(Some((stack.swap_remove(0), String::new())))
+    // Walked to the end (`into_last`, or a path of only `/`, `.` and `..`): the directory
+    // reached is the answer.
+    Ok(stack.pop().map(|dir| (dir, String::new())))
 }
 
 /// A path's normal components (and `.`/`..`), last first.

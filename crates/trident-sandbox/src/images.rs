@@ -56,9 +56,10 @@ impl Images {
                 if dir.join("bin").exists() || dir.join("usr").is_dir() {
                     Ok(RootfsSource::Directory(dir.clone()))
                 } else {
+                    // The directory is named in the operator's config, never to clients.
                     Err(format!(
-                        "image {name:?} maps to {}, which is not a root filesystem (no bin/ or usr/)",
-                        dir.display()
+                        "image {name:?} is not a root filesystem (its directory has no bin/ or \
+                         usr/): see the `images:` table of the server's config"
                     ))
                 }
             }

@@ -150,11 +150,14 @@ fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
     };
     cgroups.create(&spec.cgroup, &limits)?;
     cgroups.join(&spec.cgroup, std::process::id())?;
+    // The cgroup namespace, made right after joining the runner's cgroup, has that cgroup
+    // as its root: the runner sees its own cgroup as `/`, and no host path.
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWNET,
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|e| io::Error::other(format!("unshare: {e}")))?;
     // The network is wired with `ip` before the pid namespace exists: the first child after
@@ -240,7 +243,7 @@ fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListen
     rootfs::pivot(&root)?;
     nix::unistd::sethostname(&spec.hostname).map_err(io::Error::other)?;
     rootfs::loopback_up()?;
-    enter_user_namespace(id_maps)?;
+    enter_user_namespace(spec, id_maps)?;
     // Nothing in the runner may ptrace or read the memory of runner-init and its handlers
     // (an execution's own processes stay debuggable).
     // SAFETY: prctl with integer arguments.
@@ -255,7 +258,15 @@ fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListen
 /// Everything was mounted before, by real root: the mounts, and the namespaces made so far,
 /// stay owned by the host's user namespace, so nothing in the runner can ever change them,
 /// and files the runner creates belong to host ids of its own range.
-fn enter_user_namespace(id_maps: IdMapChannel) -> io::Result<()> {
+///
+/// The namespace is created with the runner's own base id as its owner, not host root: the
+/// kernel charges per-user counters of everything the runner makes (inotify instances and
+/// watches, processes, namespaces) to the owner in the host's namespace, so each runner
+/// gets its own share of those host-wide limits instead of all runners (and the host's
+/// root) sharing root's. The capabilities kept across the change of ids make the creation
+/// a privileged one (hosts that refuse unprivileged user namespaces allow it).
+fn enter_user_namespace(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<()> {
+    become_owner(spec.uid_base)?;
     unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| io::Error::other(format!("unshare(user): {e}")))?;
     File::from(id_maps.ask).write_all(b"?")?;
@@ -271,6 +282,20 @@ fn enter_user_namespace(id_maps: IdMapChannel) -> io::Result<()> {
     nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(io::Error::other)?;
     nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
+    Ok(())
+}
+
+/// Takes the host ids `id` (the runner's base), keeping the capabilities this process has.
+fn become_owner(id: u32) -> io::Result<()> {
+    let keep = caps::read(None, caps::CapSet::Permitted).map_err(io::Error::other)?;
+    nix::sys::prctl::set_keepcaps(true).map_err(io::Error::other)?;
+    nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
+    let gid = Gid::from_raw(id);
+    nix::unistd::setresgid(gid, gid, gid).map_err(io::Error::other)?;
+    let uid = Uid::from_raw(id);
+    nix::unistd::setresuid(uid, uid, uid).map_err(io::Error::other)?;
+    caps::set(None, caps::CapSet::Effective, &keep).map_err(io::Error::other)?;
+    nix::sys::prctl::set_keepcaps(false).map_err(io::Error::other)?;
     Ok(())
 }
 

@@ -10,12 +10,14 @@ pub mod cgroup;
 mod confine;
 mod fdio;
 mod fileops;
+pub mod host_limits;
 pub mod images;
 pub mod init;
 pub mod network;
 pub mod protocol;
 mod rootfs;
 pub mod spec;
+mod tree;
 
 pub use backend::{NativeBackend, NativeConfig};
 pub use images::{ImageSource, Images};

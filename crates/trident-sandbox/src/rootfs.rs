@@ -7,12 +7,16 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{symlink, PermissionsExt};
+
+use rustix::fs::OFlags;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::spec::{InitSpec, RootfsSource, USER_NAME, WORKSPACE};
+use crate::tree::{entries, fd_path, remove_file, replace_file, Tree};
 
 /// Host directories a `host` runner sees (read-only lower layers). Home directories,
 /// /root, /var, /srv and the data dir are deliberately absent.
@@ -40,16 +44,17 @@ fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
-fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    mkdir_mode(upper, 0o755)?;
-    mkdir_mode(work, 0o700)?;
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    ctx(
+/// Mounts an overlay of `lower` with a fresh writable layer made in `layer` (`upper`,
+/// `work`) on `target`. The layer paths are given relative to `layer` (the mount is made
+/// from there): a runner reads the overlay's options in its /proc/self/mountinfo, and must
+/// not learn host paths (the data dir, runner ids) from them.
+fn overlay(lower: &str, layer: &Path, target: &Path) -> io::Result<()> {
+    mkdir_mode(&layer.join("upper"), 0o755)?;
+    mkdir_mode(&layer.join("work"), 0o700)?;
+    let opts = format!("lowerdir={lower},upperdir=upper,workdir=work");
+    let here = std::env::current_dir()?;
+    nix::unistd::chdir(layer).map_err(io::Error::other)?;
+    let mounted = ctx(
         format!("overlay on {}", target.display()),
         mount(
             Some("overlay"),
@@ -58,11 +63,17 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> io::Result
             MsFlags::empty(),
             Some(opts.as_str()),
         ),
-    )
+    );
+    nix::unistd::chdir(&here).map_err(io::Error::other)?;
+    mounted
 }
 
 /// Mounts everything under `<dir>/root` and returns that path. Runs as pid 1 of the runner's
 /// pid namespace, in its own (already private) mount namespace.
+///
+/// Until the root is mounted, every path is trident's own (the runner directory, the
+/// writable tmpfs, the host's system directories). From then on the tree may be an image's,
+/// made by a stranger: everything is done through [`Tree`], inside it.
 pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
     let rw = spec.dir.join("rw");
     let root = spec.dir.join("root");
@@ -102,15 +113,33 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
                     mkdir_mode(&target, 0o755)?;
                     let layer = layers.join(name);
                     mkdir_mode(&layer, 0o700)?;
-                    overlay(&host, &layer.join("upper"), &layer.join("work"), &target)?;
+                    // The host's own system directory: its path is no secret.
+                    overlay(&host.to_string_lossy(), &layer, &target)?;
                 }
             }
         }
         RootfsSource::Directory(lower) => {
-            overlay(lower, &layers.join("upper"), &layers.join("work"), &root)?;
+            // The image directory is bound in beside the writable layer, so that the
+            // overlay names it `image`, not by its host path.
+            let image = layers.join("image");
+            mkdir_mode(&image, 0o755)?;
+            ctx(
+                "bind the image",
+                mount(
+                    Some(lower.as_path()),
+                    &image,
+                    none(),
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    none(),
+                ),
+            )?;
+            overlay("image", &layers, &root)?;
         }
     }
 
+    // From here on: inside the tree only.
+    let tree = Tree::open(&root)?;
+    let mut dirs = Vec::new();
     for (dir, mode) in [
         ("proc", 0o555),
         ("dev", 0o755),
@@ -122,29 +151,38 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
         ("var", 0o755),
         ("var/tmp", 0o1777),
         ("workspace", 0o1777),
+        ("etc", 0o755),
     ] {
-        mkdir_mode(&root.join(dir), mode)?;
+        dirs.push((dir, tree.real_dir(dir, mode)?));
     }
+    let dir_fd =
+        |name: &str| -> &OwnedFd { &dirs.iter().find(|(d, _)| *d == name).expect("made above").1 };
     // Root in the runner will be host id `uid_base`: give it its home and /run.
     for dir in ["root", "run"] {
-        std::os::unix::fs::chown(root.join(dir), Some(spec.uid_base), Some(spec.uid_base))?;
+        let id = Some(rustix::fs::Uid::from_raw(spec.uid_base));
+        let gid = Some(rustix::fs::Gid::from_raw(spec.uid_base));
+        rustix::fs::fchown(dir_fd(dir), id, gid)?;
     }
+    fix_etc(&tree, dir_fd("etc"), spec)?;
+    hide_host_paths(&tree, spec)?;
+
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    ctx(
+    mount_on(
         "proc",
-        mount(
-            Some("proc"),
-            &root.join("proc"),
-            Some("proc"),
-            nodev,
-            none(),
-        ),
+        dir_fd("proc"),
+        Some("proc"),
+        Some("proc"),
+        nodev,
+        None,
     )?;
-    limit_sysv_ipc(&root.join("proc"))?;
-    mask_proc(&root.join("proc"))?;
+    // The fresh procfs, through its mount point (the fd above holds the directory under it).
+    let proc = tree.resolve("proc", OFlags::DIRECTORY | OFlags::PATH)?;
+    let proc = fd_path(&proc);
+    limit_sysv_ipc(&proc)?;
+    mask_proc(&proc)?;
     // The kernel's knobs stay read-only for the runner.
     for knob in ["sys", "sysrq-trigger", "irq", "bus"] {
-        let p = root.join("proc").join(knob);
+        let p = proc.join(knob);
         if p.exists() {
             ctx(
                 "bind /proc knob",
@@ -162,13 +200,45 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
             )?;
         }
     }
-    build_dev(&root.join("dev"), spec.writable_bytes / 2)?;
-    fix_etc(&root.join("etc"), spec)?;
+    mount_on(
+        "tmpfs /dev",
+        dir_fd("dev"),
+        Some("tmpfs"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=65536,mode=0755"),
+    )?;
+    let dev = tree.resolve("dev", OFlags::DIRECTORY | OFlags::PATH)?;
+    build_dev(&fd_path(&dev), spec.writable_bytes / 2)?;
+    // /sys holds only the runner's own cgroup, read-only (its cgroup namespace makes it the
+    // root): runtimes such as the JVM find their limits where they look for them.
+    mount_on(
+        "tmpfs /sys",
+        dir_fd("sys"),
+        Some("tmpfs"),
+        Some("tmpfs"),
+        nodev,
+        Some("size=16k,mode=0755"),
+    )?;
+    let sys = tree.resolve("sys", OFlags::DIRECTORY | OFlags::PATH)?;
+    let cgroup = fd_path(&sys).join("fs/cgroup");
+    fs::create_dir_all(&cgroup)?;
+    crate::cgroup::mount_view(&cgroup)?;
+    ctx(
+        "read-only /sys",
+        mount(
+            none(),
+            &fd_path(&sys),
+            none(),
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nodev,
+            none(),
+        ),
+    )?;
     if spec.rootfs == RootfsSource::Host {
         // The root itself becomes read-only; what stays writable is the writable layer
         // (the overlays), and these directories.
         for dir in WRITABLE_DIRS {
-            let path = root.join(dir);
+            let path = fd_path(dir_fd(dir));
             ctx(
                 format!("keep /{dir} writable"),
                 mount(Some(&path), &path, none(), MsFlags::MS_BIND, none()),
@@ -186,6 +256,19 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
         )?;
     }
     Ok(root)
+}
+
+/// Mounts onto the directory an fd holds (its `/proc/self/fd` path), so that no name in the
+/// tree can redirect the mount.
+fn mount_on(
+    what: &str,
+    target: &OwnedFd,
+    source: Option<&str>,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> io::Result<()> {
+    ctx(what, mount(source, &fd_path(target), fstype, flags, data))
 }
 
 /// Directories of a read-only root that programs expect to write.
@@ -249,17 +332,8 @@ fn mask_proc(proc: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Fills the runner's fresh /dev tmpfs (mounted by the caller).
 fn build_dev(dev: &Path, shm_bytes: u64) -> io::Result<()> {
-    ctx(
-        "tmpfs /dev",
-        mount(
-            Some("tmpfs"),
-            dev,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("size=65536,mode=0755"),
-        ),
-    )?;
     for name in DEVICES {
         let target = dev.join(name);
         fs::write(&target, b"")?;
@@ -306,15 +380,12 @@ fn build_dev(dev: &Path, shm_bytes: u64) -> io::Result<()> {
 }
 
 /// Gives the runner its own accounts (root, `user`) and host name, and hides the host's
-/// secrets: shadow files and SSH host keys never show through the overlay.
-fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
-    if !etc.exists() {
-        mkdir_mode(etc, 0o755)?;
-    }
+/// secrets: shadow files and SSH host keys never show through the overlay. The image's
+/// files are read inside the tree (an `etc/passwd` linked to a host file reads as missing).
+fn fix_etc(tree: &Tree, etc: &OwnedFd, spec: &InitSpec) -> io::Result<()> {
     let uid = spec.user_uid;
     let gid = spec.user_gid;
-    let root_dir = etc.parent().expect("etc has a parent");
-    let shell = if root_dir.join("bin/bash").exists() {
+    let shell = if tree.has_file("bin/bash") {
         "/bin/bash"
     } else {
         "/bin/sh"
@@ -325,22 +396,29 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
         let third = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
         name != USER_NAME && third != Some(id)
     };
-    let passwd = fs::read_to_string(etc.join("passwd")).unwrap_or_default();
+    let text = |rel: &str| -> io::Result<String> {
+        Ok(tree
+            .read(rel, ACCOUNTS_LIMIT)?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default())
+    };
+    let passwd = text("etc/passwd")?;
     let mut passwd: Vec<&str> = passwd.lines().filter(|l| keep(l, uid)).collect();
     if !passwd.iter().any(|l| l.starts_with("root:")) {
         passwd.insert(0, "root:x:0:0:root:/root:/bin/sh");
     }
     let user_line = format!("{USER_NAME}:x:{uid}:{gid}:trident user:{WORKSPACE}:{shell}");
     passwd.push(&user_line);
+    let owner = spec.uid_base;
     replace_file(
         etc,
         "passwd",
-        &(passwd.join("\n") + "\n"),
+        (passwd.join("\n") + "\n").as_bytes(),
         0o644,
-        spec.uid_base,
+        owner,
     )?;
 
-    let group = fs::read_to_string(etc.join("group")).unwrap_or_default();
+    let group = text("etc/group")?;
     let mut group: Vec<&str> = group.lines().filter(|l| keep(l, gid)).collect();
     if !group.iter().any(|l| l.starts_with("root:")) {
         group.insert(0, "root:x:0:");
@@ -350,63 +428,84 @@ fn fix_etc(etc: &Path, spec: &InitSpec) -> io::Result<()> {
     replace_file(
         etc,
         "group",
-        &(group.join("\n") + "\n"),
+        (group.join("\n") + "\n").as_bytes(),
         0o644,
-        spec.uid_base,
+        owner,
     )?;
 
-    replace_file(
-        etc,
-        "shadow",
-        &format!("root:*:1::::::\n{USER_NAME}:*:1::::::\n"),
-        0o640,
-        spec.uid_base,
-    )?;
+    let shadow = format!("root:*:1::::::\n{USER_NAME}:*:1::::::\n");
+    replace_file(etc, "shadow", shadow.as_bytes(), 0o640, owner)?;
     for secret in ["gshadow", "shadow-", "gshadow-", "passwd-", "group-"] {
-        let _ = fs::remove_file(etc.join(secret));
+        remove_file(etc, secret);
     }
-    if let Ok(entries) = fs::read_dir(etc.join("ssh")) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
-                let _ = fs::remove_file(entry.path());
+    // SSH host keys, in the runner's real etc/ssh only (a link there is not followed).
+    let ssh = rustix::fs::openat(
+        etc,
+        "ssh",
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    );
+    if let Ok(ssh) = ssh {
+        for name in entries(&ssh)? {
+            if name.starts_with("ssh_host_") {
+                remove_file(&ssh, &name);
             }
         }
     }
-    replace_file(
-        etc,
-        "hostname",
-        &format!("{}\n", spec.hostname),
-        0o644,
-        spec.uid_base,
-    )?;
+    let hostname = format!("{}\n", spec.hostname);
+    replace_file(etc, "hostname", hostname.as_bytes(), 0o644, owner)?;
     let resolv: String = spec
         .network
         .iter()
         .flat_map(|n| n.dns.iter())
         .map(|dns| format!("nameserver {dns}\n"))
         .collect();
-    replace_file(etc, "resolv.conf", &resolv, 0o644, spec.uid_base)?;
-    replace_file(
-        etc,
-        "hosts",
-        &format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n",
-            spec.hostname
-        ),
-        0o644,
-        spec.uid_base,
-    )?;
+    replace_file(etc, "resolv.conf", resolv.as_bytes(), 0o644, owner)?;
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{}\n",
+        spec.hostname
+    );
+    replace_file(etc, "hosts", hosts.as_bytes(), 0o644, owner)?;
     Ok(())
 }
 
-/// Writes a fresh file owned by the runner's root, replacing a symlink rather than
-/// following it.
-fn replace_file(dir: &Path, name: &str, content: &str, mode: u32, owner: u32) -> io::Result<()> {
-    let path = dir.join(name);
-    let _ = fs::remove_file(&path);
-    fs::write(&path, content)?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
-    std::os::unix::fs::chown(&path, Some(owner), Some(owner))
+/// How much of an image's passwd or group file is read.
+const ACCOUNTS_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// Paths of the host a runner must not see although they lie in the host directories a
+/// `host` runner shows (trident's own config file and data dir, when an operator put them
+/// under /etc or /opt): removed from the runner's view (the overlay records a whiteout; the
+/// host's files are untouched).
+fn hide_host_paths(tree: &Tree, spec: &InitSpec) -> io::Result<()> {
+    if spec.rootfs != RootfsSource::Host {
+        return Ok(());
+    }
+    for hidden in &spec.hidden_paths {
+        let Ok(rel) = hidden.strip_prefix("/") else {
+            continue;
+        };
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            continue;
+        };
+        let shown = HOST_DIRS
+            .iter()
+            .any(|dir| rel.starts_with(dir) && rel != Path::new(dir));
+        if !shown {
+            continue;
+        }
+        let Ok(dir) = tree.resolve(&parent.to_string_lossy(), OFlags::DIRECTORY | OFlags::PATH)
+        else {
+            continue;
+        };
+        let inside = fd_path(&dir).join(name);
+        let removed = match fs::symlink_metadata(&inside) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir_all(&inside),
+            Ok(_) => fs::remove_file(&inside),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|e| io::Error::other(format!("hiding {}: {e}", hidden.display())))?;
+    }
+    Ok(())
 }
 
 /// Makes `root` the root of the mount namespace and drops every host mount from view.

@@ -37,6 +37,10 @@ pub struct InitSpec {
     /// Set for environments with network access; loopback only otherwise.
     #[serde(default)]
     pub network: Option<crate::network::RunnerNetwork>,
+    /// Host paths a runner of the `host` image must not see (trident's config file and data
+    /// dir), should they lie under the host directories it shows.
+    #[serde(default)]
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 /// Ids per runner in its user namespace.

@@ -62,6 +62,10 @@ pub struct FileConfig {
     pids_limit: Option<u64>,
     /// Memory of runners whose environment has `memoryLimit: 0`, in MB.
     default_memory_limit_mb: Option<u32>,
+    /// Processes all runners together may have (default: 3/4 of the host's pid table).
+    max_runner_processes: Option<u64>,
+    /// Lift fs.file-max to its maximum at start, as systemd does (default true).
+    lift_file_max: Option<bool>,
     /// No runner gets less than this share of a core, whatever its cpuLimit.
     min_cpu_cores: Option<f64>,
     /// Clock of one core for the cpuLimit MHz → quota conversion (default: /proc/cpuinfo).
@@ -153,6 +157,8 @@ pub struct Settings {
     pub token: Option<String>,
     pub registration_token: Option<String>,
     pub data_dir: PathBuf,
+    /// The config file read, if any.
+    pub config_file: Option<PathBuf>,
     pub images: BTreeMap<String, String>,
     pub claim_wait: Duration,
     pub pool_depletion_threshold: f64,
@@ -161,6 +167,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub pids_limit: u64,
     pub default_memory_mb: Option<u32>,
+    pub max_runner_processes: Option<u64>,
+    pub lift_file_max: bool,
     pub min_cpu_cores: f64,
     pub cpu_mhz_per_core: Option<f64>,
     pub shutdown_grace: Duration,
@@ -212,6 +220,7 @@ impl Settings {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./trident-data")),
+            config_file: args.config.clone(),
             images: file.images,
             claim_wait: Duration::from_secs(file.claim_wait_seconds.unwrap_or(10)),
             pool_depletion_threshold: threshold,
@@ -220,6 +229,8 @@ impl Settings {
             max_body_bytes: file.max_body_mb.unwrap_or(64) * 1024 * 1024,
             pids_limit: file.pids_limit.unwrap_or(512),
             default_memory_mb: file.default_memory_limit_mb,
+            max_runner_processes: file.max_runner_processes,
+            lift_file_max: file.lift_file_max.unwrap_or(true),
             min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
             cpu_mhz_per_core: file.cpu_mhz_per_core,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
@@ -259,7 +270,40 @@ impl Settings {
 fn load(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
-    serde_yaml_ng::from_str(&text).with_context(|| format!("in the config file {}", path.display()))
+    let config: FileConfig = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("in the config file {}", path.display()))?;
+    check_secrets_are_private(path, &config)?;
+    Ok(config)
+}
+
+/// A config file holding a secret (the API token, the registration token) must not be
+/// readable by other users of the host: with it, anyone could run commands in every runner.
+fn check_secrets_are_private(path: &Path, config: &FileConfig) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let has_secret = config.token.is_some() || config.registration_token.is_some();
+    if !has_secret {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o004 != 0 {
+        anyhow::bail!(
+            "the config file {} holds secrets (token, registration_token) and every user of \
+             this host can read it (mode {:o}); make it private: chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    if mode & 0o040 != 0 {
+        // Logging is not set up yet (its level comes from this file).
+        eprintln!(
+            "warning: the config file {} holds secrets and its group can read it; consider \
+             chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -275,6 +319,9 @@ mod tests {
             "listen: 0.0.0.0:9000\ntoken: from-file\nimages:\n  python: host\nclaim_wait_seconds: 3\n",
         )
         .unwrap();
+        // A file holding a token must be private (see check_secrets_are_private).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let args = ServeArgs {
             token: Some("from-flag".into()),
             config: Some(path),

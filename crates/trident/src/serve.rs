@@ -24,6 +24,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let images = Images::new(settings.images.clone()).map_err(anyhow::Error::msg)?;
     let mut native = NativeConfig::new(data_dir.clone(), images);
     native.pids_limit = settings.pids_limit;
+    native.max_runner_processes = settings.max_runner_processes;
+    native.lift_file_max = settings.lift_file_max;
     if let Some(mb) = settings.default_memory_mb.filter(|mb| *mb > 0) {
         native.default_memory_mb = mb;
     }
@@ -33,6 +35,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         native.cpu_mhz_per_core = mhz;
     }
     native.network = network_config(&settings, &data_dir)?;
+    // Runners of the `host` image see /etc and /opt: never trident's own secrets there.
+    native.hidden_paths = settings
+        .config_file
+        .iter()
+        .filter_map(|path| std::fs::canonicalize(path).ok())
+        .collect();
     let backend = NativeBackend::new(native)
         .context("starting the native sandbox (trident must run as root)")?;
     let cgroup_version = backend.cgroup_version();

@@ -412,3 +412,43 @@ async fn a_trace_that_reaches_the_limit_fails_its_job() {
     assert_eq!(r.text().await.unwrap().len(), stored.len() - 1_048_000);
     submit_id(&server, json!({"name": "after", "script": ["true"]})).await;
 }
+
+/// A job whose numbers are out of range is refused with the maximum named; the built-in
+/// agent is never handed one, and keeps taking jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_jobs_are_refused_and_the_builtin_agent_goes_on() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+    for timeout in [
+        json!(9_223_372_036_854_775_808u64),
+        json!(u64::MAX),
+        json!(0),
+    ] {
+        let r = server
+            .send(
+                reqwest::Method::POST,
+                "/jobs",
+                json!({"name": "huge", "script": ["true"], "executionEnvironmentId": 1,
+                       "timeout": timeout}),
+            )
+            .await;
+        assert_eq!(r.status(), 400, "{timeout}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains("2147483647"),
+            "{body}"
+        );
+    }
+    for bad in ["[\"x\", [\"true\"]]", "[]"] {
+        let r = server.send_raw(reqwest::Method::POST, "/jobs", bad).await;
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let id = submit_id(
+        &server,
+        json!({"name": "fine", "script": ["echo ok"], "executionEnvironmentId": 1,
+               "timeout": 2_147_483_647u64}),
+    )
+    .await;
+    let (job, trace) = common::gitlab::wait_finished(&server, id).await;
+    assert_eq!(job["status"], "success", "{trace}");
+}

@@ -8,7 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{b64, environment, error_of, eventually, exec, Execution, Options, Server};
+use common::{
+    b64, environment, error_of, eventually, exec, wait_for_stdout, Execution, Options, Server,
+};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -73,32 +75,6 @@ async fn handshake_status(url: &str, token: Option<&str>) -> u16 {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(e) => panic!("handshake to {url} failed: {e}"),
     }
-}
-
-/// Reads messages until a stdout chunk contains `marker` (the execution is then known to run).
-async fn wait_for_stdout(ws: &mut common::Ws, marker: &str) {
-    let wait = async {
-        let mut seen = String::new();
-        while let Some(message) = ws.next().await {
-            if let Ok(Message::Text(text)) = message {
-                let v: Value = serde_json::from_str(&text).unwrap();
-                assert!(
-                    matches!(v["type"].as_str(), Some("start" | "stdout" | "stderr")),
-                    "ended before printing {marker:?}: {v}"
-                );
-                if v["type"] == "stdout" {
-                    seen.push_str(v["data"].as_str().unwrap());
-                    if seen.contains(marker) {
-                        return;
-                    }
-                }
-            }
-        }
-        panic!("the socket closed before {marker:?} was printed");
-    };
-    tokio::time::timeout(Duration::from_secs(60), wait)
-        .await
-        .expect("the marker never came");
 }
 
 /// Processes inside the runner whose command line matches the grep `pattern` (a privileged

@@ -95,6 +95,46 @@ async fn kernel_interfaces_are_out_of_reach() {
         0
     );
 
+    // Sockets: an allow-list of address families. vsock (not separated by network
+    // namespaces), AF_ALG (the kernel's crypto API), packet, key and Bluetooth sockets,
+    // and netlink beyond NETLINK_ROUTE get EPERM from the filter, for root and user alike.
+    let probe = "/usr/bin/python3 -c \"import socket\nfor f, t, p in [(40, 1, 0), (38, 5, 0), (17, 3, 0), (15, 3, 2), (31, 1, 0), (16, 3, 9), (16, 3, 15), (1, 1, 0), (2, 1, 0), (10, 2, 0), (16, 3, 0)]:\n  try:\n    socket.socket(f, t, p).close(); print(f, p, 0)\n  except OSError as e: print(f, p, e.errno)\n\"";
+    let expected =
+        "40 0 1\n38 0 1\n17 0 1\n15 2 1\n31 0 1\n16 9 1\n16 15 1\n1 0 0\n2 0 0\n10 0 0\n16 0 0";
+    for run in [
+        privileged(&server, &runner, probe).await,
+        unprivileged(&server, &runner, probe).await,
+    ] {
+        assert_eq!(
+            run.stdout().replace("\r\n", "\n").trim(),
+            expected,
+            "{run:?}"
+        );
+    }
+    // socketpair: local sockets only.
+    let run = privileged(
+        &server,
+        &runner,
+        "/usr/bin/python3 -c \"import socket\ntry:\n  socket.socketpair(40)\nexcept OSError as e: print(e.errno)\nsocket.socketpair(); print(0)\"",
+    )
+    .await;
+    assert_eq!(run.stdout().replace("\r\n", "\n").trim(), "1\n0", "{run:?}");
+    // The x32 ABI as a whole (x32-only numbers too); Linux AIO is not there (its contexts
+    // come from a host-wide table).
+    for (name, nr, args, errno) in [
+        ("x32 getpid", 0x4000_0000 | 39, "", "1"),
+        ("x32-only 528", 0x4000_0000 | 528, ", 0, 0, 0", "1"),
+        ("x32-only 540", 0x4000_0000 | 540, ", 0, 0, 0", "1"),
+        ("io_setup", 206, ", 1, 0", "38"),
+    ] {
+        let run = privileged(&server, &runner, &syscall(nr, args)).await;
+        assert_eq!(
+            run.stdout().trim(),
+            format!("-1 {errno}"),
+            "{name}: {run:?}"
+        );
+    }
+
     // Capabilities: none for the user, no admin-grade ones for root, no new privileges.
     let run = unprivileged(
         &server,
@@ -127,7 +167,8 @@ async fn kernel_interfaces_are_out_of_reach() {
     let run = privileged(&server, &runner, "head -c 16 /proc/1/mem").await;
     assert_ne!(exit_code(&run), 0, "{run:?}");
 
-    // Kernel knobs are read-only, host kernel details masked, /sys absent.
+    // Kernel knobs are read-only, host kernel details masked, /sys holds nothing but the
+    // runner's own cgroup.
     let run = privileged(&server, &runner, "echo 1 > /proc/sys/vm/drop_caches").await;
     assert!(run.stderr().contains("Read-only file system"), "{run:?}");
     let run = privileged(&server, &runner, "echo c > /proc/sysrq-trigger").await;
@@ -135,7 +176,7 @@ async fn kernel_interfaces_are_out_of_reach() {
     let run = privileged(
         &server,
         &runner,
-        "for f in /proc/kcore /proc/keys /proc/timer_list /proc/kallsyms; do [ -e $f ] && cat $f | wc -c; done; ls /sys | wc -l",
+        "for f in /proc/kcore /proc/keys /proc/timer_list /proc/kallsyms; do [ -e $f ] && cat $f | wc -c; done; ls /sys | grep -vx fs | wc -l; ls /sys/fs | grep -vx cgroup | wc -l",
     )
     .await;
     let sizes: Vec<String> = run.stdout().split_whitespace().map(String::from).collect();
@@ -629,4 +670,260 @@ async fn the_files_api_never_reaches_host_files() {
         ))
         .await;
     assert_eq!(r.status(), 424);
+}
+
+/// Python that opens inotify instances until the kernel refuses, prints how many, then holds
+/// them for `hold` seconds.
+fn inotify_hog(hold: u32) -> String {
+    format!(
+        "/usr/bin/python3 -c \"import ctypes,time\nl=ctypes.CDLL(None)\nn=0\nwhile n < 100000 and l.inotify_init1(0) >= 0: n += 1\nprint(n, flush=True)\ntime.sleep({hold})\""
+    )
+}
+
+/// Host-wide tables: one runner exhausting its share of inotify instances leaves the other
+/// runners and the host theirs (each runner's user namespace has an owner of its own); all
+/// runners together may take at most three quarters of the host's processes; the file
+/// table is lifted as systemd lifts it (files are charged to each runner's memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_wide_tables_are_shared_out_per_runner() {
+    let server = Server::start();
+    server.put_environment(1, 2, 256).await;
+    let hog = server.claim(1, 0).await;
+    let other = server.claim(1, 0).await;
+
+    let url = server
+        .websocket_url(&hog, json!({"command": inotify_hog(30), "timeLimit": 60}))
+        .await;
+    let mut ws = server.connect(&url).await;
+    common::wait_for_stdout(&mut ws, "\n").await;
+    // The other runner still has all of its own...
+    let run = unprivileged(&server, &other, &inotify_hog(0)).await;
+    let theirs: u32 = run.stdout().trim().parse().unwrap();
+    assert!(
+        theirs >= 100,
+        "another runner was starved of inotify instances: {run:?}"
+    );
+    // ... and so has the host's root.
+    let host = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg("import ctypes\nl=ctypes.CDLL(None)\nprint(sum(1 for _ in range(20) if l.inotify_init1(0) >= 0))")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&host.stdout).trim(),
+        "20",
+        "the host's root was starved"
+    );
+    drop(ws);
+
+    // trident's cgroup parent bounds the processes of all runners together.
+    let parent = server.cgroup_parent();
+    let pids_max = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        format!("/sys/fs/cgroup/{parent}/pids.max")
+    } else {
+        format!("/sys/fs/cgroup/pids/{parent}/pids.max")
+    };
+    let limit: u64 = std::fs::read_to_string(&pids_max)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(limit <= pid_max * 3 / 4 && limit > 0, "{pids_max}: {limit}");
+    let file_max: u64 = std::fs::read_to_string("/proc/sys/fs/file-max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        file_max,
+        i64::MAX as u64,
+        "fs.file-max is lifted as systemd lifts it"
+    );
+}
+
+/// trident's own config (with its tokens) and data dir stay out of sight of `host` runners,
+/// even when an operator keeps them under /etc or /opt; a config holding secrets that
+/// every host user could read is refused at start, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_secrets_are_out_of_reach() {
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let base = std::path::PathBuf::from(format!("/etc/trident-test-{}", &unique[..8]));
+    std::fs::create_dir_all(&base).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(base.clone());
+    {
+        let server = Server::start_with(common::Options {
+            data_dir: Some(base.join("data")),
+            config_yaml: Some("registration_token: very-secret-registration\n".into()),
+            ..common::Options::default()
+        });
+        server.put_environment(1, 1, 128).await;
+        let runner = server.claim(1, 0).await;
+        let shown = base.display();
+        let run = privileged(
+            &server,
+            &runner,
+            &format!("ls {shown}; cat {shown}/data.yaml; ls {shown}/data; echo end"),
+        )
+        .await;
+        assert!(!run.stdout().contains("very-secret"), "{run:?}");
+        assert!(!run.stdout().contains("trident.db"), "{run:?}");
+        assert!(run.stderr().contains("No such file"), "{run:?}");
+        // The host's copy is untouched.
+        assert!(std::fs::read_to_string(base.join("data.yaml"))
+            .unwrap()
+            .contains("very-secret"));
+    }
+
+    // A world-readable config with a token: refused, and the message says how to fix it.
+    let config = base.join("open.yaml");
+    std::fs::write(&config, "token: world-readable-secret\n").unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_trident"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(base.join("data2"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", config.display())),
+        "{stderr}"
+    );
+}
+
+/// A runner sees its own cgroup (a cgroup namespace, read-only), so runtimes size themselves
+/// by the runner's limits; and nothing of the host's paths, ids or data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_see_their_runner_and_no_host_paths() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+    let runner = server.claim(1, 0).await;
+    let run = privileged(&server, &runner, "cat /proc/self/cgroup").await;
+    for line in run.stdout().lines() {
+        assert!(
+            line.trim_end().ends_with(":/"),
+            "a host cgroup path: {run:?}"
+        );
+    }
+    let run = privileged(
+        &server,
+        &runner,
+        "cat /proc/self/mountinfo /proc/self/mounts",
+    )
+    .await;
+    let instance = std::fs::read_to_string(server.data_dir.join("instance-id")).unwrap();
+    for secret in [
+        server
+            .data_dir
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string(),
+        "runners/".to_string(),
+        instance.trim().to_string(),
+        runner.clone(),
+    ] {
+        assert!(!run.stdout().contains(&secret), "{secret} in {run:?}");
+    }
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let limit_file = if v2 {
+        "/sys/fs/cgroup/memory.max"
+    } else {
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+    };
+    let run = unprivileged(&server, &runner, &format!("cat {limit_file}")).await;
+    assert_eq!(run.stdout().trim(), (256u64 << 20).to_string(), "{run:?}");
+    let run = privileged(&server, &runner, &format!("echo 1073741824 > {limit_file}")).await;
+    assert_ne!(
+        exit_code(&run),
+        0,
+        "the cgroup view must be read-only: {run:?}"
+    );
+
+    // The JVM (the machine's OpenJDK, visible to `host` runners) sizes its heap by the
+    // runner's memory, not the host's.
+    let run = unprivileged(
+        &server,
+        &runner,
+        "java -XX:+PrintFlagsFinal -version 2>/dev/null | grep -w MaxHeapSize; java -XshowSettings:system -version 2>&1 | grep -i \"memory limit\"",
+    )
+    .await;
+    let out = run.stdout();
+    let heap: u64 = out
+        .split_whitespace()
+        .skip_while(|w| *w != "=")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MaxHeapSize from java: {run:?}"));
+    assert!(
+        heap <= 256 << 20,
+        "the JVM sized its heap from the host: {heap}"
+    );
+    assert!(out.contains("256.00M"), "{run:?}");
+}
+
+/// The files API writes as root: a symlink the learner (`user`) planted in a path never
+/// redirects it. Where a directory is needed the link is replaced by one, as GNU tar does;
+/// a deletion through it deletes nothing. Root's own links are followed, inside the runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_links_never_redirect_the_files_api() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+    let runner = server.claim(1, 0).await;
+    let run = unprivileged(
+        &server,
+        &runner,
+        "ln -s /root link && ln -s /etc etclink && ln -s /etc dellink && mkdir sub && ln -s /root sub/deep && echo planted",
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "planted", "{run:?}");
+    privileged(&server, &runner, "ln -s /tmp rootlink").await;
+
+    let files = format!("/runners/{runner}/files");
+    let r = server
+        .send(
+            reqwest::Method::PATCH,
+            &files,
+            json!({"delete": ["dellink/hostname"], "copy": [
+                {"path": "link/planted.txt", "content": common::b64("a")},
+                {"path": "etclink/", "content": ""},
+                {"path": "etclink/also.txt", "content": common::b64("b")},
+                {"path": "sub/deep/x.txt", "content": common::b64("c")},
+                {"path": "rootlink/followed.txt", "content": common::b64("d")},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let run = privileged(
+        &server,
+        &runner,
+        "ls /root/planted.txt /etc/also.txt /root/x.txt 2>&1; test -e /etc/hostname && echo hostname-kept; \
+         test -d link -a ! -L link && cat link/planted.txt; test -d etclink && cat etclink/also.txt; \
+         cat sub/deep/x.txt; cat /tmp/followed.txt",
+    )
+    .await;
+    let out = run.stdout();
+    assert_eq!(
+        out.matches("No such file").count(),
+        3,
+        "a write went through a planted link: {run:?}"
+    );
+    assert!(
+        out.contains("hostname-kept"),
+        "a delete went through a planted link: {run:?}"
+    );
+    assert!(out.ends_with("abcd"), "{run:?}");
 }

@@ -59,6 +59,9 @@ impl Server {
         let config = options.config_yaml.map(|yaml| {
             let path = data_dir.with_extension("yaml");
             std::fs::write(&path, yaml).unwrap();
+            // Private, as trident demands of a config holding secrets.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             path
         });
         let mut server = Server {
@@ -561,6 +564,32 @@ where
         assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Reads messages until a stdout chunk contains `marker` (the execution is then known to run).
+pub async fn wait_for_stdout(ws: &mut Ws, marker: &str) {
+    let wait = async {
+        let mut seen = String::new();
+        while let Some(message) = ws.next().await {
+            if let Ok(Message::Text(text)) = message {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert!(
+                    matches!(v["type"].as_str(), Some("start" | "stdout" | "stderr")),
+                    "ended before printing {marker:?}: {v}"
+                );
+                if v["type"] == "stdout" {
+                    seen.push_str(v["data"].as_str().unwrap());
+                    if seen.contains(marker) {
+                        return;
+                    }
+                }
+            }
+        }
+        panic!("the socket closed before {marker:?} was printed");
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("the marker never came");
 }
 
 pub fn b64(text: &str) -> String {
