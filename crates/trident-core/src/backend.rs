@@ -103,6 +103,11 @@ pub trait Sandbox: Send + Sync {
         Vec::new()
     }
 
+    /// How many bytes of files the runner can hold, if the engine knows.
+    fn writable_bytes(&self) -> Option<u64> {
+        None
+    }
+
     async fn execute(&self, spec: ExecSpec) -> BackendResult<BackendExecution>;
 
     async fn list_files(
@@ -116,6 +121,14 @@ pub trait Sandbox: Send + Sync {
     async fn patch_files(&self, delete: Vec<String>, copy: Vec<FileCopy>) -> BackendResult<()>;
 
     async fn open_file(&self, path: &str, privileged: bool) -> BackendResult<FileDownload>;
+
+    /// Writes one file, as a copy would (root-owned, 0744, parents made), from a stream of
+    /// any length: nothing of it is held in memory. Returns the bytes written.
+    async fn write_file(
+        &self,
+        path: &str,
+        content: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> BackendResult<u64>;
 
     /// Kills every process of the runner and frees everything it held. Idempotent.
     async fn destroy(&self);

@@ -139,6 +139,11 @@ impl Runner {
         self.sandbox.mapped_ports()
     }
 
+    /// How many bytes of files the runner can hold, if its engine knows.
+    pub fn writable_bytes(&self) -> Option<u64> {
+        self.sandbox.writable_bytes()
+    }
+
     fn record(&self, used: bool, inactivity_timeout: u64) -> RunnerRecord {
         RunnerRecord {
             id: self.id.clone(),
@@ -556,6 +561,18 @@ impl Manager {
             .open_file(path, privileged)
             .await
             .map_err(Error::from)
+    }
+
+    /// Writes one file into a runner from a stream (see `Sandbox::write_file`).
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        content: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<u64> {
+        let runner = self.runner(id)?;
+        runner.touch();
+        Ok(runner.sandbox.write_file(path, content).await?)
     }
 
     /// Stores an execution until its WebSocket connects; returns its id. A runner holds a

@@ -147,6 +147,15 @@ impl Sandbox for RecordedSandbox {
     async fn open_file(&self, _: &str, _: bool) -> BackendResult<FileDownload> {
         Err(BackendError::FileUnavailable("nothing".into()))
     }
+    async fn write_file(
+        &self,
+        _: &str,
+        mut content: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> BackendResult<u64> {
+        tokio::io::copy(&mut content, &mut tokio::io::sink())
+            .await
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
     async fn destroy(&self) {
         if self.live.lock().unwrap().remove(&self.id) {
             self.destroyed.fetch_add(1, Ordering::Relaxed);

@@ -330,6 +330,24 @@ async fn small_field(field: &mut axum::extract::multipart::Field<'_>) -> Result<
         .map_err(|_| crate::params::ParamError("a form field is not UTF-8".into()).into_response())
 }
 
+/// Reads and drops what is left of an upload (at most `budget` bytes of a field), so that a
+/// client still sending it reads the answer instead of a broken connection.
+async fn drain_field(field: &mut axum::extract::multipart::Field<'_>, budget: u64) {
+    let mut read = 0u64;
+    while let Ok(Some(chunk)) = field.chunk().await {
+        read += chunk.len() as u64;
+        if read > budget {
+            return;
+        }
+    }
+}
+
+async fn drain(multipart: &mut axum::extract::Multipart) {
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        drain_field(&mut field, u64::MAX).await;
+    }
+}
+
 /// Room for a multipart upload's own framing and small fields beside the file.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 
@@ -373,9 +391,6 @@ pub async fn upload_artifacts(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > max.saturating_add(MULTIPART_OVERHEAD)) {
-        return too_large(max);
-    }
     let mut token = job_token(&headers, &query);
     let mut authorized = false;
     if !token.is_empty() {
@@ -383,6 +398,14 @@ pub async fn upload_artifacts(
             return refused(refusal);
         }
         authorized = true;
+    }
+    if let Some(length) = declared.filter(|l| *l > max.saturating_add(MULTIPART_OVERHEAD)) {
+        // Only an agent's body not far above the limit is read (and dropped) first, so
+        // that it hears the answer; a huge one, or a stranger's, is refused unread.
+        if authorized && length <= max.saturating_mul(4) {
+            drain(&mut multipart).await;
+        }
+        return too_large(max);
     }
     let mut fields: std::collections::HashMap<String, String> = query.clone();
     let mut upload: Option<std::path::PathBuf> = None;
@@ -434,6 +457,9 @@ pub async fn upload_artifacts(
             {
                 written += chunk.len() as u64;
                 if written > max {
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    drain_field(&mut field, max.saturating_mul(3)).await;
                     return Err(too_large(max));
                 }
                 std::io::Write::write_all(&mut file, &chunk)

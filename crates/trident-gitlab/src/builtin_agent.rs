@@ -33,6 +33,8 @@ pub struct BuiltinAgent {
     pub tags: Vec<String>,
     /// How jobs reach trident (`CI_SERVER_URL` and friends).
     pub server_url: String,
+    /// The largest archive it uploads (the limit external agents have too).
+    pub max_artifact_bytes: u64,
 }
 
 impl BuiltinAgent {
@@ -174,26 +176,30 @@ impl BuiltinAgent {
                 content_base64: f.content.clone(),
             })
             .collect();
-        let mut files = files;
+        if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
+            return Outcome::SystemFailure(format!("placing the job's files: {e}"));
+        }
+        let room = self
+            .manager
+            .runner(runner)
+            .ok()
+            .and_then(|r| r.writable_bytes())
+            .unwrap_or(DEFAULT_ARTIFACT_ROOM);
+        let mut placed_bytes = 0;
         for dependency in &spec.dependencies {
-            match self.dependency_files(*dependency) {
-                Ok(mut extracted) => {
+            let left = room.saturating_sub(placed_bytes);
+            match self.place_dependency(runner, *dependency, left).await {
+                Ok((count, bytes)) => {
+                    placed_bytes += bytes;
                     self.trace(
                         job,
                         token,
                         size,
-                        &format!(
-                            "Fetched {} files from job {dependency}'s artifacts\n",
-                            extracted.len()
-                        ),
+                        &format!("Fetched {count} files from job {dependency}'s artifacts\n"),
                     );
-                    files.append(&mut extracted);
                 }
                 Err(e) => return Outcome::SystemFailure(e),
             }
-        }
-        if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
-            return Outcome::SystemFailure(format!("placing the job's files: {e}"));
         }
         // The job runs in the runner's workspace (CI_PROJECT_DIR says so).
         let environment: Vec<(String, String)> =
@@ -255,7 +261,10 @@ impl BuiltinAgent {
     }
 
     /// Zips `artifacts.paths` (relative to the workspace) from the runner, reading every file
-    /// through the runner's own file API, and uploads it as the job's archive.
+    /// through the runner's own file API, and uploads it as the job's archive. The zip is
+    /// written to its upload file on a blocking thread as the files stream in, a chunk at a
+    /// time: no file is ever whole in memory, and the archive is bounded by the artifact
+    /// limit.
     async fn upload_artifacts(
         &self,
         job: &Job,
@@ -263,50 +272,81 @@ impl BuiltinAgent {
         runner: &str,
         artifacts: &crate::jobs::ArtifactsSpec,
     ) -> Result<(), String> {
-        use std::io::Write;
         use tokio::io::AsyncReadExt;
-        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
-        for path in &artifacts.paths {
-            if path.starts_with('/') || path.split('/').any(|part| part == "..") {
-                return Err(format!(
-                    "artifact path {path:?} must stay inside the workspace"
-                ));
-            }
-            let entries = match self.manager.list_files(runner, path, true, true).await {
-                Ok(entries) => entries,
-                Err(trident_core::Error::FileUnavailable(_)) => continue, // nothing there
-                Err(e) => return Err(e.to_string()),
-            };
-            for entry in entries.into_iter().filter(|e| e.entry_type == "-") {
-                let name = entry.name.trim_start_matches("./").to_string();
-                let mut file = self
-                    .manager
-                    .open_file(runner, &entry.name, true)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut bytes = Vec::with_capacity(file.size as usize);
-                file.content
-                    .read_to_end(&mut bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                zip.start_file(name, options).map_err(|e| e.to_string())?;
-                zip.write_all(&bytes).map_err(|e| e.to_string())?;
-            }
-        }
-        let bytes = zip.finish().map_err(|e| e.to_string())?.into_inner();
         let upload = self.coordinator.artifact_upload_path(job.id);
         if let Some(dir) = upload.parent() {
             std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         }
-        std::fs::write(&upload, &bytes).map_err(|e| e.to_string())?;
+        let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel::<ZipPiece>(8);
+        let writer = {
+            let upload = upload.clone();
+            let max = self.max_artifact_bytes;
+            tokio::task::spawn_blocking(move || write_zip(&upload, chunks_rx, max))
+        };
+        let send = |piece: ZipPiece| {
+            let chunks_tx = chunks_tx.clone();
+            async move {
+                tokio::task::spawn_blocking(move || chunks_tx.send(piece).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+        };
+        let streamed: Result<(), String> = async {
+            for path in &artifacts.paths {
+                if path.starts_with('/') || path.split('/').any(|part| part == "..") {
+                    return Err(format!(
+                        "artifact path {path:?} must stay inside the workspace"
+                    ));
+                }
+                let entries = match self.manager.list_files(runner, path, true, true).await {
+                    Ok(entries) => entries,
+                    Err(trident_core::Error::FileUnavailable(_)) => continue, // nothing there
+                    Err(e) => return Err(e.to_string()),
+                };
+                for entry in entries.into_iter().filter(|e| e.entry_type == "-") {
+                    let name = entry.name.trim_start_matches("./").to_string();
+                    let mut file = self
+                        .manager
+                        .open_file(runner, &entry.name, true)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if !send(ZipPiece::File(name)).await {
+                        return Ok(()); // the writer stopped; it says why
+                    }
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = file
+                            .content
+                            .read(&mut buffer)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            break;
+                        }
+                        if !send(ZipPiece::Bytes(buffer[..n].to_vec())).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(chunks_tx);
+        let written = writer.await.map_err(|e| e.to_string())?;
+        let size = match (streamed, written) {
+            (Ok(()), Ok(size)) => size,
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                let _ = std::fs::remove_file(&upload);
+                return Err(e);
+            }
+        };
         let expire_at = crate::jobs::parse_expire_in(artifacts.expire_in.as_deref().unwrap_or(""))?
-            .map(|seconds| crate::jobs::now() + seconds);
+            .map(|seconds| crate::jobs::now().saturating_add(seconds));
         let artifact = crate::jobs::StoredArtifact {
             filename: "artifacts.zip".into(),
             format: "zip".into(),
-            size: bytes.len() as u64,
+            size,
             expire_at,
         };
         self.coordinator
@@ -317,35 +357,61 @@ impl BuiltinAgent {
             })
     }
 
-    /// The files of a dependency's archive, read in memory (never unpacked on the host) and
-    /// turned into copies for the runner. Entries that would leave the workspace, links and
-    /// directories are skipped.
-    fn dependency_files(&self, dependency: i64) -> Result<Vec<FileCopy>, String> {
-        use base64::Engine;
-        use std::io::Read;
+    /// Places the files of a dependency's archive in the runner's workspace: the zip is read
+    /// in a blocking thread, one entry at a time, into a pipe the runner's file API drains,
+    /// so memory stays the same whatever the archive inflates to; more than `room` bytes
+    /// (the runner's writable space) is refused, by the sizes the archive declares and by
+    /// what it really inflates to. Entries that would leave the workspace, links and
+    /// directories are skipped; the archive is never unpacked on the host. Returns the
+    /// files placed and their bytes.
+    async fn place_dependency(
+        &self,
+        runner: &str,
+        dependency: i64,
+        room: u64,
+    ) -> Result<(usize, u64), String> {
         let Some((path, _)) = self.coordinator.artifact(dependency) else {
-            return Ok(Vec::new());
+            return Ok((0, 0));
         };
-        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        let mut archive = zip::ZipArchive::new(file)
-            .map_err(|e| format!("job {dependency}'s artifacts are not a zip: {e}"))?;
-        let mut files = Vec::new();
-        for i in 0..archive.len() {
-            let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
-            let Some(name) = entry.enclosed_name() else {
-                continue;
+        let (entries_tx, mut entries_rx) =
+            tokio::sync::mpsc::channel::<(String, std::os::fd::OwnedFd)>(1);
+        let inflate = tokio::task::spawn_blocking(move || {
+            inflate_entries(&path, dependency, room, entries_tx)
+        });
+        let mut placed = 0;
+        let mut written = 0;
+        let mut failure = None;
+        while let Some((name, pipe)) = entries_rx.recv().await {
+            let content = match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+                Ok(content) => content,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
             };
-            if entry.is_dir() || entry.is_symlink() {
-                continue;
+            match self
+                .manager
+                .write_file(runner, &name, Box::new(content))
+                .await
+            {
+                Ok(bytes) => {
+                    placed += 1;
+                    written += bytes;
+                }
+                Err(e) => {
+                    failure = Some(format!("placing job {dependency}'s artifacts: {e}"));
+                    break;
+                }
             }
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-            files.push(FileCopy {
-                path: name.to_string_lossy().into_owned(),
-                content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
-            });
         }
-        Ok(files)
+        drop(entries_rx);
+        let inflated = inflate.await.map_err(|e| e.to_string())?;
+        // The reader's reason comes first: a refused archive also breaks the write.
+        inflated?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((placed, written)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -410,6 +476,110 @@ impl BuiltinAgent {
             }
         }
     }
+}
+
+/// What the zip writer is given: the start of a file (its name), then its bytes.
+enum ZipPiece {
+    File(String),
+    Bytes(Vec<u8>),
+}
+
+/// Runs on a blocking thread: writes the archive to `path` from the pieces as they come;
+/// returns its size. An archive past `max` bytes is refused (the upload limit).
+fn write_zip(
+    path: &std::path::Path,
+    pieces: std::sync::mpsc::Receiver<ZipPiece>,
+    max: u64,
+) -> Result<u64, String> {
+    use std::io::{Seek, Write};
+    let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    // A second handle on the same file tells how large the archive has grown.
+    let size_probe = file.try_clone().map_err(|e| e.to_string())?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    for piece in pieces {
+        match piece {
+            ZipPiece::File(name) => zip.start_file(name, options).map_err(|e| e.to_string())?,
+            ZipPiece::Bytes(bytes) => zip.write_all(&bytes).map_err(|e| e.to_string())?,
+        }
+        let written = size_probe.metadata().map_err(|e| e.to_string())?.len();
+        if written > max {
+            return Err(format!(
+                "the artifacts are larger than the limit of {max} bytes"
+            ));
+        }
+    }
+    let mut file = zip.finish().map_err(|e| e.to_string())?;
+    file.flush().map_err(|e| e.to_string())?;
+    file.stream_position().map_err(|e| e.to_string())
+}
+
+/// Room for dependencies' files when the engine does not say how much a runner holds.
+const DEFAULT_ARTIFACT_ROOM: u64 = 1 << 30;
+
+/// Runs on a blocking thread: sends each file entry of the zip at `path` as a name and the
+/// read end of a pipe, then inflates the entry into the pipe, never more than `room` bytes
+/// in all.
+fn inflate_entries(
+    path: &std::path::Path,
+    dependency: i64,
+    room: u64,
+    entries: tokio::sync::mpsc::Sender<(String, std::os::fd::OwnedFd)>,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| format!("job {dependency}'s artifacts are not a zip: {e}"))?;
+    let too_big = |bytes: u64| {
+        format!(
+            "job {dependency}'s artifacts inflate to more than {room} bytes (at least {bytes}), \
+             more than the runner can hold"
+        )
+    };
+    let declared: u64 = (0..archive.len())
+        .filter_map(|i| archive.by_index_raw(i).ok().map(|e| e.size()))
+        .fold(0u64, u64::saturating_add);
+    if declared > room {
+        return Err(too_big(declared));
+    }
+    let mut total = 0u64;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let Some(name) = entry.enclosed_name() else {
+            continue;
+        };
+        if entry.is_dir() || entry.is_symlink() {
+            continue;
+        }
+        let (read_end, write_end) = std::io::pipe().map_err(|e| e.to_string())?;
+        let read_end = std::os::fd::OwnedFd::from(read_end);
+        if entries
+            .blocking_send((name.to_string_lossy().into_owned(), read_end))
+            .is_err()
+        {
+            return Ok(()); // the writer gave up; it says why
+        }
+        let mut write_end = write_end;
+        // One byte beyond the room tells a lying archive from a full one.
+        let mut limited = (&mut entry).take(room - total + 1);
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = limited.read(&mut buffer).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > room {
+                return Err(too_big(total));
+            }
+            if write_end.write_all(&buffer[..n]).is_err() {
+                return Ok(()); // the runner stopped taking it; the writer says why
+            }
+        }
+    }
+    Ok(())
 }
 
 enum Outcome {

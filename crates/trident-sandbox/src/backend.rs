@@ -351,6 +351,7 @@ impl NativeBackend {
             id_slot: Some((slot, self.id_slots.clone())),
             network: spec.network.clone().map(|n| (n, self.host_ports.clone())),
             advertise: self.advertise(),
+            writable_bytes: Some(spec.writable_bytes),
         };
         let wait_ready = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
@@ -462,6 +463,7 @@ impl Backend for NativeBackend {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         let network = init.as_ref().and_then(|init| init.network.clone());
+        let writable_bytes = init.as_ref().map(|init| init.writable_bytes);
         if let Some(network) = &network {
             let mut taken = self.host_ports.lock().unwrap();
             taken.extend(network.ports.iter().map(|(_, host)| *host));
@@ -487,6 +489,7 @@ impl Backend for NativeBackend {
             id_slot,
             network: network.map(|n| (n, self.host_ports.clone())),
             advertise: self.advertise(),
+            writable_bytes,
         };
         // A live runner-init answers on its socket with its own id; a dead one's socket
         // refuses the connection (pids may be reused, sockets are not).
@@ -596,6 +599,8 @@ pub struct NativeSandbox {
     dir: PathBuf,
     child: Mutex<Option<tokio::process::Child>>,
     destroyed: AtomicBool,
+    /// Room for files in the runner (its writable tmpfs), if known.
+    writable_bytes: Option<u64>,
 }
 
 impl NativeSandbox {
@@ -626,6 +631,10 @@ fn unexpected(r: Response) -> BackendError {
 
 #[async_trait]
 impl Sandbox for NativeSandbox {
+    fn writable_bytes(&self) -> Option<u64> {
+        self.writable_bytes
+    }
+
     fn mapped_ports(&self) -> Vec<MappedPort> {
         self.network
             .iter()
@@ -751,6 +760,46 @@ impl Sandbox for NativeSandbox {
                     size,
                     content: Box::new(content),
                 })
+            }
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    async fn write_file(
+        &self,
+        path: &str,
+        mut content: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> BackendResult<u64> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(BackendError::Failed("the runner is gone".into()));
+        }
+        // The content flows through a pipe into a handler inside the runner, which writes
+        // the file there: a chunk at a time, never whole in the server's memory.
+        let (read_end, write_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
+        let socket = self.socket.clone();
+        let request = Request::WriteFile {
+            path: path.to_string(),
+        };
+        let answer = tokio::task::spawn_blocking(move || {
+            let stream = UnixStream::connect(&socket)?;
+            send_frame(&stream, &request, &[read_end.as_raw_fd()])?;
+            drop(read_end);
+            recv_frame::<Response>(&stream)?
+                .ok_or_else(|| std::io::Error::other("runner-init closed the connection"))
+        });
+        let mut sink = FdStream::new(write_end, false).map_err(failed)?;
+        let copied = tokio::io::copy(&mut content, &mut sink).await;
+        drop(sink); // the end of the file
+        let answer = answer
+            .await
+            .map_err(failed)?
+            .map_err(|e| BackendError::Failed(format!("runner control socket: {e}")))?;
+        // The runner's word first: if it stopped early, that is why the copy broke off.
+        match (answer.0, copied) {
+            (Response::Written { bytes }, Ok(_)) => Ok(bytes),
+            (Response::Written { .. }, Err(e)) => {
+                Err(BackendError::CopyFailed(format!("{path}: {e}")))
             }
             (other, _) => Err(unexpected(other)),
         }

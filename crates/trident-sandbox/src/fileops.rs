@@ -386,9 +386,25 @@ fn remove_any(path: &Path) {
     }
 }
 
-/// Writes a root-owned 0744 file `name` in `dir`; a symlink in its place is replaced, never
-/// followed.
-fn write_file_at(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
+/// Writes the file at `path` (as a copy would: root-owned, 0744, parents made, planted links
+/// never followed) from `source` until its end; returns how many bytes it took. A full
+/// file system ends it with an error (the runner's writable quota bounds it).
+pub fn write_from(path: &str, source: OwnedFd) -> Result<u64, BackendError> {
+    let failed = |e: io::Error| BackendError::CopyFailed(format!("{path}: Cannot write: {e}"));
+    let (dir, name) = walk_path(&resolve(path), true, false)
+        .map_err(failed)?
+        .ok_or_else(|| failed(missing()))?;
+    if name.is_empty() {
+        return Err(failed(io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    let mut file = open_for_write(&dir, &name).map_err(failed)?;
+    let bytes = io::copy(&mut fs::File::from(source), &mut file).map_err(failed)?;
+    Ok(bytes)
+}
+
+/// Creates (or truncates) the root-owned 0744 file `name` in `dir`; a symlink in its place
+/// is replaced, never followed.
+fn open_for_write(dir: &OwnedFd, name: &str) -> io::Result<fs::File> {
     use rustix::fs::{openat, AtFlags, Mode, OFlags};
     let flags =
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -400,11 +416,16 @@ fn write_file_at(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
         }
         other => other?,
     };
-    let mut file = fs::File::from(fd);
-    file.write_all(content)?;
+    let file = fs::File::from(fd);
     file.set_permissions(fs::Permissions::from_mode(0o744))?;
     std::os::unix::fs::fchown(&file, Some(0), Some(0))?;
-    Ok(())
+    Ok(file)
+}
+
+/// Writes a root-owned 0744 file `name` in `dir`; a symlink in its place is replaced, never
+/// followed.
+fn write_file_at(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
+    open_for_write(dir, name)?.write_all(content)
 }
 
 /// Opens a regular file for download.

@@ -347,6 +347,17 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
             Ok(()) => Response::Done,
             Err(e) => Response::Error(e),
         }),
+        Request::WriteFile { path } => {
+            let Some(source) = fds.into_iter().next() else {
+                return reply(Response::Error(BackendError::Failed(
+                    "expected 1 fd".into(),
+                )));
+            };
+            reply(match fileops::write_from(&path, source) {
+                Ok(bytes) => Response::Written { bytes },
+                Err(e) => Response::Error(e),
+            })
+        }
         Request::OpenFile { path, privileged } => {
             if !privileged {
                 become_user(spec)?;

@@ -195,7 +195,7 @@ pub fn setup_host(config: &NetworkConfig) -> io::Result<()> {
         nft(&format!(
             r#"table inet {TABLE} {{
     set blocked {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {blocked} }} }}
-    set dns {{ type ipv4_addr; }}
+    set dns {{ type ifname . ipv4_addr; }}
     map ports {{ type inet_service : ipv4_addr . inet_service; }}
     chain prerouting {{
         type nat hook prerouting priority -100;
@@ -215,7 +215,7 @@ pub fn setup_host(config: &NetworkConfig) -> io::Result<()> {
         ct status dnat accept
         iifname "{IF_PREFIX}*" oifname "{IF_PREFIX}*" drop
         iifname "{IF_PREFIX}*" meta nfproto ipv6 drop
-        iifname "{IF_PREFIX}*" ip daddr @dns meta l4proto {{ tcp, udp }} th dport 53 accept
+        {DNS_RULE}
         iifname "{IF_PREFIX}*" ip daddr @blocked drop
     }}
     chain input {{
@@ -235,16 +235,26 @@ pub fn setup_host(config: &NetworkConfig) -> io::Result<()> {
             .into_iter()
             .filter(|n| !n.starts_with("127.")),
     );
-    let mut script = format!(
+    let script = format!(
         "flush set inet {TABLE} blocked\nadd element inet {TABLE} blocked {{ {} }}\n",
         blocked.join(", ")
     );
-    if !config.dns.is_empty() {
-        let dns: Vec<String> = config.dns.iter().map(Ipv4Addr::to_string).collect();
-        // Added, never flushed: other instances on this host may use other resolvers.
-        script += &format!("add element inet {TABLE} dns {{ {} }}\n", dns.join(", "));
-    }
     nft(&script)?;
+    migrate_dns_set()?;
+    // Resolvers are keyed by this instance's bridge: a runner reaches its own instance's
+    // resolvers only. What an earlier life of this instance added goes first.
+    remove_resolvers(&config.bridge)?;
+    if !config.dns.is_empty() {
+        let elements: Vec<String> = config
+            .dns
+            .iter()
+            .map(|dns| format!("\"{}\" . {dns}", config.bridge))
+            .collect();
+        nft(&format!(
+            "add element inet {TABLE} dns {{ {} }}\n",
+            elements.join(", ")
+        ))?;
+    }
     remove_stale_bridges(config)?;
     let bridge_exists = std::path::Path::new("/sys/class/net")
         .join(&config.bridge)
@@ -309,14 +319,98 @@ fn remove_stale_bridges(config: &NetworkConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes this instance's bridge when no runner is attached to it any more (on a shutdown
-/// that destroyed the runners).
+/// The rule that lets a runner's DNS through to its own instance's resolvers.
+const DNS_RULE: &str = "iifname . ip daddr @dns meta l4proto { tcp, udp } th dport 53 accept";
+
+/// Tables made by trident before resolvers were keyed by bridge had one flat set that every
+/// runner of every instance could reach, and that kept resolvers of instances long gone:
+/// replaced by the keyed one, in place (the other rules stay).
+fn migrate_dns_set() -> io::Result<()> {
+    let set = Command::new("nft")
+        .args(["list", "set", "inet", TABLE, "dns"])
+        .output()?;
+    let text = String::from_utf8_lossy(&set.stdout);
+    if !set.status.success() || text.contains("ifname") {
+        return Ok(());
+    }
+    let chain = Command::new("nft")
+        .args(["-a", "list", "chain", "inet", TABLE, "forward"])
+        .output()?;
+    let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+    let handle = |needle: &str| -> Option<String> {
+        chain
+            .lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.rsplit("# handle ").next())
+            .map(|h| h.trim().to_string())
+    };
+    let (Some(old_rule), Some(blocked_rule)) = (handle("@dns"), handle("@blocked drop")) else {
+        return Err(io::Error::other(
+            "the nftables table inet trident has an unexpected shape: delete it (nft delete table inet trident) and restart trident",
+        ));
+    };
+    nft(&format!(
+        "delete rule inet {TABLE} forward handle {old_rule}\n\
+         delete set inet {TABLE} dns\n\
+         add set inet {TABLE} dns {{ type ifname . ipv4_addr; }}\n\
+         insert rule inet {TABLE} forward position {blocked_rule} {DNS_RULE}\n"
+    ))
+}
+
+/// Removes the resolvers of `bridge` from the shared set.
+fn remove_resolvers(bridge: &str) -> io::Result<()> {
+    let set = Command::new("nft")
+        .args(["list", "set", "inet", TABLE, "dns"])
+        .output()?;
+    let text = String::from_utf8_lossy(&set.stdout);
+    let Some(elements) = text.split_once("elements = {").map(|(_, rest)| rest) else {
+        return Ok(());
+    };
+    let elements = elements.split('}').next().unwrap_or_default();
+    let mine: Vec<&str> = elements
+        .split(',')
+        .map(str::trim)
+        .filter(|e| e.starts_with(&format!("\"{bridge}\"")))
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    nft(&format!(
+        "delete element inet {TABLE} dns {{ {} }}\n",
+        mine.join(", ")
+    ))
+}
+
+/// Gives back what this instance added to the host (on a shutdown that destroyed the
+/// runners): its resolvers in the shared set, and its bridge, once the runners' ends of it
+/// are gone (network namespaces die a moment after their last process).
 pub fn teardown_host(config: &NetworkConfig) {
+    if let Err(e) = remove_resolvers(&config.bridge) {
+        tracing::warn!(error = %e, "removing this instance's resolvers from the firewall");
+    }
+    let bridge = std::path::Path::new("/sys/class/net").join(&config.bridge);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while bridge.exists()
+        && !bridge_is_empty(&config.bridge)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if bridge.exists() {
+        if let Err(e) = run("ip", &["link", "del", &config.bridge]) {
+            tracing::warn!(error = %e, bridge = %config.bridge, "removing this instance's bridge");
+        }
+    }
+}
+
+/// Removes the host end of a destroyed runner's veth pair at once (the kernel would, when
+/// the runner's network namespace is freed, a moment later).
+pub fn disconnect_runner(network: &RunnerNetwork) {
     let exists = std::path::Path::new("/sys/class/net")
-        .join(&config.bridge)
+        .join(&network.host_if)
         .exists();
-    if exists && bridge_is_empty(&config.bridge) {
-        let _ = run("ip", &["link", "del", &config.bridge]);
+    if exists {
+        let _ = run("ip", &["link", "del", &network.host_if]);
     }
 }
 
@@ -411,8 +505,9 @@ pub fn map_ports(network: &RunnerNetwork) -> io::Result<()> {
     ))
 }
 
-/// Withdraws a runner's exposed ports (its veth pair dies with its network namespace).
+/// Withdraws a runner's exposed ports and its end of the bridge.
 pub fn unmap_ports(network: &RunnerNetwork) {
+    disconnect_runner(network);
     for (_, host) in &network.ports {
         let _ = nft(&format!("delete element inet {TABLE} ports {{ {host} }}\n"));
     }

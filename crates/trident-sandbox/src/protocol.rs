@@ -35,6 +35,11 @@ pub enum Request {
         delete: Vec<String>,
         copy: Vec<FileCopy>,
     },
+    /// Writes a file (root-owned, 0744, as a copy is) from what comes through the fd sent
+    /// with it, until its end; answered with `Written`.
+    WriteFile {
+        path: String,
+    },
     /// Opens a regular file for reading; answered with `Opened` and the fd.
     OpenFile {
         path: String,
@@ -55,6 +60,9 @@ pub enum Response {
     Done,
     Opened {
         size: u64,
+    },
+    Written {
+        bytes: u64,
     },
     /// Names the runner, so that the server can tell its own runner from a stale socket.
     Pong {

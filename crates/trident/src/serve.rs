@@ -102,6 +102,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             coordinator,
             tags: settings.builtin_agent_tags.clone(),
             server_url: format!("http://{address}"),
+            max_artifact_bytes: settings.max_artifact_bytes,
         })
         .start(settings.builtin_agent_concurrency);
     }

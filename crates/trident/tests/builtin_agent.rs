@@ -346,3 +346,85 @@ async fn hostile_artifacts_are_kept_as_sent_and_never_unpacked_on_the_host() {
         assert!(!dir.join("link").exists(), "{dir:?}");
     }
 }
+
+/// A zip bomb among a dependency's artifacts never inflates in the server's memory: entries
+/// stream into the runner, and an archive that inflates beyond what the runner can hold is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_bomb_in_a_dependency_is_refused_without_inflating_on_the_host() {
+    let server = Server::start_with(common::Options {
+        config_yaml: Some("registration_token: reg\njob_request_poll_seconds: 0\n".into()),
+        ..common::Options::default()
+    });
+    server.put_environment(1, 1, 128).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let bomb = tmp.path().join("bomb.zip");
+    // 200 MB of zeros in one entry, a few hundred KB on disk (python's zlib is quick).
+    let made = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!(
+            "import zipfile\nz = zipfile.ZipFile({:?}, 'w', zipfile.ZIP_DEFLATED)\nw = z.open('zeros', 'w', force_zip64=True)\nchunk = bytes(1 << 20)\nfor _ in range(200): w.write(chunk)\nw.close(); z.close()",
+            bomb.display().to_string()
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let bomb = std::fs::read(&bomb).unwrap();
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+
+    let agent = common::gitlab::register(
+        &server,
+        json!({"tag_list": ["external"], "run_untagged": false}),
+    )
+    .await;
+    let (status, _, payload) = {
+        let id = submit(
+            &server,
+            json!({"name": "bomb", "tags": ["external"], "script": ["true"]}),
+        )
+        .await;
+        let answer = common::gitlab::request_job(&server, &agent).await;
+        assert_eq!(answer.2["id"], id);
+        answer
+    };
+    assert_eq!(status, 201);
+    let bomb_job = payload["id"].as_i64().unwrap();
+    let token = payload["token"].as_str().unwrap().to_string();
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(bomb).file_name("artifacts.zip"),
+    );
+    let r = server
+        .http
+        .post(common::gitlab::v4(
+            &server,
+            &format!("/jobs/{bomb_job}/artifacts"),
+        ))
+        .header("JOB-TOKEN", &token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = common::gitlab::put_state(
+        &server,
+        bomb_job,
+        json!({"token": token, "state": "success"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+
+    let rss_before = server.rss_kib();
+    let victim = submit(
+        &server,
+        json!({"name": "victim", "script": ["ls -l"], "executionEnvironmentId": 1,
+               "dependencies": [bomb_job]}),
+    )
+    .await;
+    let (job, trace) = wait_finished(&server, victim).await;
+    assert_eq!(job["status"], "failed", "{trace}");
+    assert_eq!(job["failureReason"], "runner_system_failure");
+    assert!(trace.contains("inflate to more than"), "{trace}");
+    let grown = server.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "the server grew by {grown} KiB");
+}

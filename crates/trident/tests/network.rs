@@ -243,6 +243,33 @@ async fn networked_runners_reach_the_internet_and_nothing_else() {
         "the port mapping outlived its runner"
     );
     drop(host_service);
+
+    // A stop that destroys the runners gives back what this instance added to the host:
+    // its bridge and its resolvers in the shared firewall set (keyed by its bridge, so that
+    // no other instance's runners could use them anyway).
+    let instance = std::fs::read_to_string(server.data_dir.join("instance-id")).unwrap();
+    let bridge = format!("tr-{}", &instance.trim()[..12]);
+    let dns_set = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "set", "inet", "trident", "dns"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        dns_set().contains(&format!("\"{bridge}\" . {internet}")),
+        "{}",
+        dns_set()
+    );
+    let mut server = server;
+    server.stop();
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&bridge)
+            .exists(),
+        "the bridge {bridge} outlived its instance"
+    );
+    assert!(!dns_set().contains(&bridge), "{}", dns_set());
 }
 
 /// Claims a runner of environment 1 and returns it with the host address of its port 8080.
