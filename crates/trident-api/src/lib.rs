@@ -2,6 +2,8 @@
 //! layer that parses requests, calls the core's `Manager`, and shapes answers the way
 //! CodeOcean expects them (status codes and `errorCode`s, never message texts).
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod environments;
 mod error;

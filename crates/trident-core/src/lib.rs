@@ -6,6 +6,8 @@
 //! [`store::EnvironmentStore`]. Both front doors (the Poseidon API, later the GitLab runner API)
 //! drive the same [`manager::Manager`].
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod error;
 pub mod execution;

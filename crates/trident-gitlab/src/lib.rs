@@ -9,6 +9,8 @@
 //! built-in agent (`builtin_agent.rs`) takes jobs from the same queue and runs them in the
 //! local sandbox.
 
+#![forbid(unsafe_code)]
+
 mod agent_jobs;
 pub mod builtin_agent;
 mod client_jobs;

@@ -9,6 +9,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 const SYSTEM_ROOT: &str = "/sys/fs/cgroup";
 const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "freezer"];
 
@@ -220,8 +223,7 @@ impl Cgroups {
                 continue;
             }
             for pid in pids {
-                // SAFETY: plain kill(2) on a pid read from the cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
             // Frozen processes die only when thawed; SIGKILL is delivered on thaw.
             self.thaw(name);
@@ -263,8 +265,7 @@ impl Cgroups {
                         // starting up): kill again.
                         attempt += 1;
                         for pid in read_pids(&dir) {
-                            // SAFETY: plain kill(2) on a pid read from the cgroup.
-                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }

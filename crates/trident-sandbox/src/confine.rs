@@ -256,27 +256,14 @@ pub fn confine(
     }
     caps::clear(None, CapSet::Inheritable).map_err(io::Error::other)?;
     caps::clear(None, CapSet::Ambient).map_err(io::Error::other)?;
-    for (resource, limit) in [
-        (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
-        (libc::RLIMIT_CORE, 0),
-    ] {
-        let rlimit = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: limit,
-        };
-        // SAFETY: setrlimit with a valid struct.
-        if unsafe { libc::setrlimit(resource, &rlimit) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::sys::resource::{setrlimit, Resource};
+    setrlimit(Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES)?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
     if !privileged {
         become_user()?;
     }
     // Setuid binaries and file capabilities grant nothing from here on.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sys::prctl::set_no_new_privs()?;
     if privileged {
         caps::set(None, CapSet::Effective, &keep).map_err(io::Error::other)?;
         caps::set(None, CapSet::Permitted, &keep).map_err(io::Error::other)?;

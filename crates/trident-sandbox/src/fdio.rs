@@ -18,20 +18,20 @@ pub struct FdStream {
 impl FdStream {
     pub fn new(fd: OwnedFd, pty: bool) -> io::Result<FdStream> {
         set_nonblocking(&fd)?;
-        // SAFETY: the OwnedFd moves into the AsyncFd, which deregisters it before closing.
+        // SAFETY: the OwnedFd moves into the AsyncFd, which deregisters it before closing it
+        // (tokio's safe constructor is deprecated as unsound for exactly this).
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
         Ok(FdStream { fd, pty })
     }
 }
 
 pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+    )?;
     Ok(())
 }
 
@@ -44,17 +44,8 @@ impl AsyncRead for FdStream {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            let result = guard.try_io(|fd| {
-                // SAFETY: reading into a buffer of the given length.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
+            let result = guard
+                .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), unfilled).map_err(io::Error::from));
             match result {
                 Ok(Ok(n)) => {
                     buf.advance(n);
@@ -78,15 +69,7 @@ impl AsyncWrite for FdStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let result = guard.try_io(|fd| {
-                // SAFETY: writing from a buffer of the given length.
-                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
+            let result = guard.try_io(|fd| nix::unistd::write(fd, data).map_err(io::Error::from));
             match result {
                 Ok(r) => return Poll::Ready(r),
                 Err(_would_block) => continue,

@@ -113,16 +113,13 @@ fn map_ids_when_asked(spec: &InitSpec, host_proc: &File, child: Pid, ask: OwnedF
     }
     let map = format!("0 {} {}\n", spec.uid_base, IDS_PER_RUNNER);
     let write_map = |file: &str| -> io::Result<()> {
-        let fd = nix::fcntl::openat(
-            Some(host_proc.as_raw_fd()),
+        let fd = rustix::fs::openat(
+            host_proc,
             format!("{}/{file}", child.as_raw()).as_str(),
-            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(io::Error::other)?;
-        // SAFETY: a fresh fd from openat that we own.
-        let mut file = unsafe { File::from_raw_fd(fd) };
-        file.write_all(map.as_bytes())
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        File::from(fd).write_all(map.as_bytes())
     };
     let result = write_map("uid_map").and_then(|()| write_map("gid_map"));
     let answer: &[u8] = match &result {
@@ -246,10 +243,7 @@ fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListen
     enter_user_namespace(spec, id_maps)?;
     // Nothing in the runner may ptrace or read the memory of runner-init and its handlers
     // (an execution's own processes stay debuggable).
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sys::prctl::set_dumpable(false)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     Ok(listener)
 }
@@ -442,13 +436,19 @@ fn exec(
 }
 
 fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let pid = rustix::process::Pid::from_raw(pid.as_raw())
+        .ok_or_else(|| io::Error::other("no such pid"))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Leaves a forked child at once, without running destructors or exit handlers that belong
+/// to the process it was copied from.
+fn leave(code: i32) -> ! {
+    // SAFETY: _exit(2) takes an int and never returns.
+    unsafe { libc::_exit(code) }
 }
 
 fn shell_argv(command: &str) -> Vec<CString> {
@@ -511,12 +511,13 @@ fn exec_init(
         Err(_) => std::process::exit(126),
     };
     // Only the command may hold the streams, so that they end when it and its children do.
-    // SAFETY: closing fds this process owns and no longer needs.
-    unsafe {
-        for fd in fds {
-            libc::close(fd.as_raw_fd());
-        }
-        libc::close(stream.as_raw_fd());
+    // (This process never returns, so the owned values are never dropped: close the fds.)
+    for fd in fds
+        .iter()
+        .map(AsRawFd::as_raw_fd)
+        .chain([stream.as_raw_fd()])
+    {
+        let _ = nix::unistd::close(fd);
     }
     loop {
         match waitpid(None, None) {
@@ -540,40 +541,43 @@ fn start_command(
     envp: &[CString],
 ) -> ! {
     let fail = |what: &str| -> ! {
-        let msg = format!(
-            "trident: cannot start the command: {what}: {}\n",
-            io::Error::last_os_error()
+        let error = io::Error::last_os_error();
+        // Stderr is the fd the execution was given once dup2 ran (and the only one left
+        // after close_range).
+        let _ = nix::unistd::write(
+            std::io::stderr(),
+            format!("trident: cannot start the command: {what}: {error}\n").as_bytes(),
         );
-        // SAFETY: writing to the standard error this process has (the fd it was given, which
-        // is already stderr once dup2 ran, and the only one left after close_range).
-        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-        // SAFETY: leaving a forked child without running destructors.
-        unsafe { libc::_exit(127) }
+        leave(127)
     };
-    // SAFETY: the usual post-fork, pre-exec set-up of a single-threaded child.
-    unsafe {
-        libc::setsid();
-        for (i, fd) in fds.iter().enumerate() {
-            if libc::dup2(fd.as_raw_fd(), i as RawFd) < 0 {
-                fail("dup2");
-            }
+    let _ = nix::unistd::setsid();
+    for (i, fd) in fds.iter().enumerate() {
+        if nix::unistd::dup2(fd.as_raw_fd(), i as RawFd).is_err() {
+            fail("dup2");
         }
-        if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-            fail("controlling terminal");
-        }
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        for sig in [
-            libc::SIGPIPE,
-            libc::SIGCHLD,
-            libc::SIGINT,
-            libc::SIGQUIT,
-            libc::SIGTERM,
-        ] {
-            libc::signal(sig, libc::SIG_DFL);
-        }
+    }
+    if tty && rustix::process::ioctl_tiocsctty(std::io::stdin()).is_err() {
+        fail("controlling terminal");
+    }
+    // SAFETY: closes every fd from 3 up; this process owns them all and holds no Rust
+    // value over one of them that it uses afterwards (it execs or exits next).
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        fail("close_range");
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGTERM,
+    ] {
+        // SAFETY: restoring default dispositions in a single-threaded child about to exec.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
     }
     // The OOM killer's first choice, before runner-init and its handlers: when the runner
     // runs out of memory, it is the execution's processes that go and the runner lives on.
@@ -591,15 +595,11 @@ fn start_command(
     if nix::unistd::chdir(WORKSPACE).is_err() {
         let _ = nix::unistd::chdir("/");
     }
-    // SAFETY: umask(2) cannot fail.
-    unsafe { libc::umask(0o022) };
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     if let Err(e) = confine::confine(filters, privileged, || become_user(spec)) {
-        let msg = format!("trident: cannot confine the command: {e}\n");
-        // SAFETY: writing to stderr (fd 2 since dup2), then leaving without destructors.
-        unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
-        }
+        let message = format!("trident: cannot confine the command: {e}\n");
+        let _ = nix::unistd::write(std::io::stderr(), message.as_bytes());
+        leave(127)
     }
     let _ = nix::unistd::execve(&argv[0], argv, envp);
     fail("exec")

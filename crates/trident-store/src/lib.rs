@@ -5,6 +5,8 @@
 //! `synchronous=NORMAL` (they survive a crash of the process, which is all they need: a
 //! power cut takes the runners themselves with it), so that claims do not wait for fsync.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::sync::Mutex;
 

@@ -36,12 +36,10 @@ fn notifies_readiness_pets_the_watchdog_and_serves_a_passed_socket() {
         .env_remove("TRIDENT_LISTEN")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // SAFETY: dup2 between fork and exec.
+    // SAFETY: only dup2, async-signal-safe, runs between fork and exec.
     unsafe {
         command.pre_exec(move || {
-            if libc_dup2(listener_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::dup2(listener_fd, 3)?;
             Ok(())
         });
     }
@@ -65,18 +63,14 @@ fn notifies_readiness_pets_the_watchdog_and_serves_a_passed_socket() {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 204"), "{response}");
 
-    // SAFETY: plain kill(2) of our child.
-    unsafe { libc_kill(child.id() as i32, 15) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let n = notify.recv(&mut buf).expect("STOPPING");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     drop(listener);
-}
-
-extern "C" {
-    #[link_name = "dup2"]
-    fn libc_dup2(old: i32, new: i32) -> i32;
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

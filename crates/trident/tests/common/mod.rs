@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 pub struct Server {
@@ -131,7 +130,10 @@ impl Server {
     /// `keep_runners_on_exit`).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe { libc_kill(child.id() as i32, 15) };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if child.try_wait().unwrap().is_some() {
@@ -449,11 +451,6 @@ impl Drop for Server {
     }
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -528,7 +525,6 @@ pub async fn collect(ws: &mut Ws) -> Execution {
     tokio::time::timeout(Duration::from_secs(120), read)
         .await
         .expect("execution did not finish");
-    let _ = CloseCode::Normal;
     Execution {
         messages,
         close_code,
