@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use trident_core::model::{EnvironmentId, ExecutionEnvironment};
 
@@ -33,19 +33,51 @@ pub async fn list(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<serde_json::Value>> {
     query_bool(&query, "fetch", false)?;
-    Ok(Json(
-        json!({ "executionEnvironments": state.manager.environments() }),
-    ))
+    let environments: Vec<EnvironmentView> = state
+        .manager
+        .environments()
+        .into_iter()
+        .map(EnvironmentView::from)
+        .collect();
+    Ok(Json(json!({ "executionEnvironments": environments })))
+}
+
+/// An environment as the API shows it: Poseidon's seven keys.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentView {
+    id: EnvironmentId,
+    image: String,
+    prewarming_pool_size: u32,
+    cpu_limit: u32,
+    memory_limit: u32,
+    network_access: bool,
+    exposed_ports: Vec<u16>,
+}
+
+impl From<ExecutionEnvironment> for EnvironmentView {
+    fn from(env: ExecutionEnvironment) -> Self {
+        EnvironmentView {
+            id: env.id,
+            image: env.image,
+            prewarming_pool_size: env.prewarming_pool_size,
+            cpu_limit: env.cpu_limit,
+            memory_limit: env.memory_limit,
+            network_access: env.network_access,
+            exposed_ports: env.exposed_ports,
+        }
+    }
 }
 
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<ExecutionEnvironment>> {
+) -> ApiResult<Json<EnvironmentView>> {
     let id = parse_environment_id(&id)?;
-    Ok(Json(state.manager.environment(id)?))
+    Ok(Json(state.manager.environment(id)?.into()))
 }
 
+/// What a client PUTs; turned into the core's `ExecutionEnvironment` below.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentBody {

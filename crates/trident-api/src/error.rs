@@ -43,14 +43,11 @@ impl From<Error> for ApiError {
             Error::FileUnavailable(_) => (StatusCode::FAILED_DEPENDENCY, None),
             // As the reference's failed `tar` run.
             Error::FileCopyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, Some("UNKNOWN")),
-            Error::Internal(_) => (
+            Error::Internal(_) | Error::Store(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("NOMAD_INTERNAL_SERVER_ERROR"),
             ),
         };
-        if status.is_server_error() {
-            tracing::error!(%message, "request failed");
-        }
         ApiError {
             status,
             message,
@@ -66,6 +63,12 @@ impl IntoResponse for ApiError {
             None => json!({ "message": self.message }),
         };
         let mut response = (self.status, Json(body)).into_response();
+        if self.status.is_server_error() {
+            // Logged once, by `trident_http::log_server_errors`.
+            response
+                .extensions_mut()
+                .insert(trident_http::ServerError(self.message.clone()));
+        }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body stays unread, so this connection cannot carry another
             // request: say so, and keep-alive clients open a fresh one instead of failing.

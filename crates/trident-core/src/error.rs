@@ -27,6 +27,9 @@ pub enum Error {
     /// 500 `UNKNOWN`.
     #[error("{0}")]
     FileCopyFailed(String),
+    /// What the API acknowledges could not be stored; nothing changed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Internal(String),
 }

@@ -181,8 +181,8 @@ impl Manager {
     /// restarted in full), removes every other trace of runners, and starts filling pools.
     pub async fn restore(&self) -> Result<RestoreReport> {
         let inner = &self.inner;
-        let envs = inner.store.load_environments().map_err(Error::Internal)?;
-        let records = inner.store.load_runners().map_err(Error::Internal)?;
+        let envs = inner.store.load_environments().map_err(Error::Store)?;
+        let records = inner.store.load_runners().map_err(Error::Store)?;
         let mut adopted = Vec::new();
         let mut report = RestoreReport {
             environments: envs.len(),
@@ -216,7 +216,7 @@ impl Manager {
                     inner
                         .store
                         .delete_runner(&record.id)
-                        .map_err(Error::Internal)?;
+                        .map_err(Error::Store)?;
                 }
             }
         }
@@ -305,10 +305,7 @@ impl Manager {
         let inner = &self.inner;
         let mut state = lock(inner);
         // Persist under the lock so concurrent PUTs of one id store in the order they apply.
-        inner
-            .store
-            .save_environment(&env)
-            .map_err(Error::Internal)?;
+        inner.store.save_environment(&env).map_err(Error::Store)?;
         let id = env.id;
         let created = match state.pools.get_mut(&id) {
             Some(pool) => {
@@ -371,10 +368,7 @@ impl Manager {
         if !state.pools.contains_key(&id) {
             return Err(Error::EnvironmentNotFound(id));
         }
-        inner
-            .store
-            .delete_environment(id)
-            .map_err(Error::Internal)?;
+        inner.store.delete_environment(id).map_err(Error::Store)?;
         let pool = state.pools.remove(&id).expect("checked above");
         pool.available.notify_waiters();
         let used: Vec<String> = state
@@ -495,7 +489,7 @@ impl Manager {
                 inner.release(&runner);
                 inner.destroy_in_background(runner, RunnerEnd::Deleted);
             }
-            return Err(Error::Internal(format!("recording the runner: {e}")));
+            return Err(Error::Store(e));
         }
         if !inactivity_timeout.is_zero() {
             tokio::spawn(inactivity_timer(Arc::downgrade(inner), runner.clone()));

@@ -9,9 +9,9 @@ pub type EnvironmentId = u64;
 /// no deadline computed from a client's number can overflow.
 pub const MAX_DURATION_SECONDS: u64 = i32::MAX as u64;
 
-/// A template for runners, exactly the Poseidon `ExecutionEnvironment` schema.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// A template for runners, with the fields of the Poseidon `ExecutionEnvironment` schema.
+/// Not serialized here: the API and the store each have their own representation.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionEnvironment {
     pub id: EnvironmentId,
     pub image: String,
@@ -36,7 +36,8 @@ impl ExecutionEnvironment {
     }
 }
 
-/// One entry of a file listing, as CodeOcean reads it (`permissions`, `owner` and `group` are
+/// One entry of a file listing, as CodeOcean reads it. This and the other serializable types
+/// below are Poseidon's own schema, the same on the API and on the runner's control socket. (`permissions`, `owner` and `group` are
 /// not in the seed schema but the client needs them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

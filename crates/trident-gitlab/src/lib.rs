@@ -11,17 +11,12 @@
 
 #![forbid(unsafe_code)]
 
+mod agent_artifacts;
 mod agent_jobs;
-pub mod builtin_agent;
+mod agents;
 mod client_jobs;
-pub mod coordinator;
-pub mod jobs;
+mod error;
 mod params;
-mod runners;
-pub mod store;
-pub mod tokens;
-pub mod trace;
-pub mod variables;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +24,7 @@ use std::time::Duration;
 use axum::routing::{get, post, put};
 use axum::Router;
 
-pub use coordinator::{Coordinator, CoordinatorConfig};
-pub use store::{AgentStore, CiStore, JobStore, RegisteredAgent};
+use trident_jobs::{CiStore, Coordinator};
 
 #[derive(Clone)]
 pub struct GitlabConfig {
@@ -42,23 +36,6 @@ pub struct GitlabConfig {
     pub request_poll: Duration,
     /// Largest artifact file accepted (413 above).
     pub max_artifact_bytes: u64,
-}
-
-/// Fails running jobs whose agent stopped reporting for `stale_after` and removes expired
-/// artifacts, checking every so often, for as long as the coordinator lives.
-pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>, stale_after: Duration) {
-    let coordinator = Arc::downgrade(coordinator);
-    let every = (stale_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            let Some(coordinator) = coordinator.upgrade() else {
-                return;
-            };
-            coordinator.fail_lost_jobs(stale_after, None);
-            coordinator.expire_artifacts();
-        }
-    });
 }
 
 #[derive(Clone)]
@@ -134,23 +111,23 @@ pub fn router(
         .route("/jobs/{id}/trace", axum::routing::patch(agent_jobs::trace))
         .route(
             "/jobs/{id}/artifacts/authorize",
-            post(agent_jobs::authorize_artifacts),
+            post(agent_artifacts::authorize),
         )
         .route(
             "/jobs/{id}/artifacts",
-            post(agent_jobs::upload_artifacts)
-                .get(agent_jobs::download_artifacts)
+            post(agent_artifacts::upload)
+                .get(agent_artifacts::download)
                 // The upload enforces the artifact limit itself, while streaming to disk.
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route(
             "/runners",
-            post(runners::register).delete(runners::unregister),
+            post(agents::register).delete(agents::unregister),
         )
-        .route("/runners/verify", post(runners::verify))
+        .route("/runners/verify", post(agents::verify))
         .route(
             "/runners/reset_authentication_token",
-            post(runners::reset_token),
+            post(agents::reset_token),
         )
         .with_state(state);
     Router::new().nest("/api/v4", api).merge(jobs_api)

@@ -4,10 +4,10 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::{json, Map, Value};
+
+use serde_json::{Map, Value};
 
 pub struct Params(pub Map<String, Value>);
 
@@ -16,7 +16,7 @@ pub struct ParamError(pub String);
 
 impl IntoResponse for ParamError {
     fn into_response(self) -> Response {
-        (StatusCode::BAD_REQUEST, Json(json!({ "error": self.0 }))).into_response()
+        crate::error::GitlabError::from(self).into_response()
     }
 }
 

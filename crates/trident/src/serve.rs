@@ -63,10 +63,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let restored = manager.restore().await?;
 
     let coordinator = Arc::new(
-        trident_gitlab::Coordinator::new(
+        trident_jobs::Coordinator::new(
             store.clone(),
             data_dir.join("traces"),
-            trident_gitlab::CoordinatorConfig {
+            trident_jobs::CoordinatorConfig {
                 trace_accept_timeout: settings.trace_accept_timeout,
                 max_trace_bytes: settings.max_trace_bytes,
             },
@@ -93,11 +93,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             max_artifact_bytes: settings.max_artifact_bytes,
         },
     ));
-    trident_gitlab::watch_for_lost_agents(&coordinator, settings.job_stale_after);
+    let app = app.layer(axum::middleware::from_fn(trident_http::log_server_errors));
+    trident_jobs::watch_for_lost_agents(&coordinator, settings.job_stale_after);
     let listener = listener(&settings).await?;
     let address = listener.local_addr()?;
     if settings.builtin_agent {
-        Arc::new(trident_gitlab::builtin_agent::BuiltinAgent {
+        Arc::new(trident_jobs::builtin_agent::BuiltinAgent {
             manager: manager.clone(),
             coordinator,
             tags: settings.builtin_agent_tags.clone(),

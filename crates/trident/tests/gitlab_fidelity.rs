@@ -239,7 +239,7 @@ async fn state_updates_are_checked_and_a_failed_write_is_not_a_refusal() {
     // The database refuses every write to jobs (a real SQLite failure).
     let db = rusqlite::Connection::open(server.data_dir.join("trident.db")).unwrap();
     db.execute_batch(
-        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON ci_jobs
+        "CREATE TRIGGER refuse_updates BEFORE UPDATE ON ci_job_states
          BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
     )
     .unwrap();

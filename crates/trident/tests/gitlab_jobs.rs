@@ -670,8 +670,8 @@ async fn an_assignment_that_cannot_be_stored_is_a_conflict_and_the_job_stays_que
     // Make the database refuse to mark any job running (a real SQLite failure).
     let db = rusqlite::Connection::open(server.data_dir.join("trident.db")).unwrap();
     db.execute_batch(
-        "CREATE TRIGGER refuse_assignments BEFORE UPDATE ON ci_jobs
-         WHEN json_extract(NEW.record, '$.status') = 'running'
+        "CREATE TRIGGER refuse_assignments BEFORE UPDATE ON ci_job_states
+         WHEN json_extract(NEW.state, '$.status') = 'running'
          BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
     )
     .unwrap();

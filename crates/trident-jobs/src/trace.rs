@@ -81,6 +81,25 @@ pub fn open_at(path: &Path, offset: u64) -> io::Result<Option<File>> {
     }
 }
 
+/// Flushes the trace to disk (before a job's final state is acknowledged).
+pub fn sync(path: &Path) -> io::Result<()> {
+    match File::open(path) {
+        Ok(file) => file.sync_data(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Cuts the trace back to `size` bytes (to what its job's record says was appended).
+pub fn truncate(path: &Path, size: u64) -> io::Result<()> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(file) if file.metadata()?.len() > size => file.set_len(size),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads a whole (small) trace; for tests and checks.
 pub fn read_all(path: &Path) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();

@@ -153,7 +153,7 @@ impl BuiltinAgent {
         // The inactivity timeout only matters if the server dies mid-job: the runner it
         // adopts afterwards then goes away on its own.
         let idle = Duration::from_secs(
-            spec.timeout
+            job.timeout()
                 .saturating_add(AFTER_SCRIPT_TIMEOUT + 60)
                 .min(trident_core::model::MAX_DURATION_SECONDS),
         );
@@ -173,7 +173,7 @@ impl BuiltinAgent {
             .iter()
             .map(|f| FileCopy {
                 path: f.path.clone(),
-                content_base64: f.content.clone(),
+                content_base64: f.content_base64.clone(),
             })
             .collect();
         if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
@@ -216,7 +216,7 @@ impl BuiltinAgent {
                 runner,
                 &script,
                 &environment,
-                spec.timeout,
+                job.timeout(),
             )
             .await;
         if matches!(outcome, Outcome::Canceled) {
@@ -239,11 +239,7 @@ impl BuiltinAgent {
         }
         if let Some(artifacts) = &spec.artifacts {
             let succeeded = matches!(outcome, Outcome::Exited(0));
-            let wanted = match artifacts.when.as_str() {
-                "always" => true,
-                "on_failure" => !succeeded,
-                _ => succeeded,
-            };
+            let wanted = artifacts.when.applies(succeeded);
             if wanted && !artifacts.paths.is_empty() {
                 if let Err(e) = self.upload_artifacts(job, token, runner, artifacts).await {
                     self.trace(
@@ -447,8 +443,13 @@ impl BuiltinAgent {
             Ok(running) => running,
             Err(e) => return Outcome::SystemFailure(e),
         };
-        let mut check = tokio::time::interval(Duration::from_millis(500));
-        let mut last_heartbeat = std::time::Instant::now();
+        // The job's end (cancelled from the jobs API, failed for its trace): dropping the
+        // execution kills it.
+        let Some(mut ended) = self.coordinator.end_of(job.id) else {
+            return Outcome::Canceled;
+        };
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
             tokio::select! {
                 message = running.messages.recv() => match message {
@@ -460,18 +461,12 @@ impl BuiltinAgent {
                     Some(ExecMessage::Error(message)) => return Outcome::SystemFailure(message),
                     None => return Outcome::SystemFailure("the execution vanished".into()),
                 },
-                _ = check.tick() => {
-                    // Cancelled from the jobs API: dropping the execution kills it.
-                    if self.coordinator.get(job.id).is_none_or(|j| j.status.is_finished()) {
-                        return Outcome::Canceled;
-                    }
+                _ = ended.wait_for(Option::is_some) => return Outcome::Canceled,
+                _ = heartbeat.tick() => {
                     // A silent job still has its agent.
-                    if last_heartbeat.elapsed() >= HEARTBEAT {
-                        last_heartbeat = std::time::Instant::now();
-                        let _ = self
-                            .coordinator
-                            .update(job.id, token, StateUpdate::default());
-                    }
+                    let _ = self
+                        .coordinator
+                        .update(job.id, token, StateUpdate::default());
                 }
             }
         }

@@ -1,12 +1,14 @@
 //! Jobs: what clients submit through trident's jobs API and agents run.
+//!
+//! In-memory domain types only: the jobs API (`trident-gitlab`) and the store
+//! (`trident-store`) each have their own serialized forms of them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JobStatus {
+    #[default]
     Pending,
     Running,
     Success,
@@ -15,6 +17,14 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Success,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+    ];
+
     pub fn is_finished(self) -> bool {
         matches!(
             self,
@@ -31,130 +41,146 @@ impl JobStatus {
             JobStatus::Canceled => "canceled",
         }
     }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
-/// A variable of a job: a plain value, or `{"value": ..., "masked": true}` for a secret that
-/// agents hide in their logs and that trident masks in the stored trace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum JobVariable {
-    Plain(String),
-    Detailed {
-        value: String,
-        #[serde(default)]
-        masked: bool,
-    },
-}
-
-impl JobVariable {
-    pub fn value(&self) -> &str {
-        match self {
-            JobVariable::Plain(value) | JobVariable::Detailed { value, .. } => value,
-        }
-    }
-
-    pub fn masked(&self) -> bool {
-        matches!(self, JobVariable::Detailed { masked: true, .. })
-    }
+/// A variable of a job; a masked one is a secret that agents hide in their logs and that
+/// trident masks in the stored trace.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JobVariable {
+    pub value: String,
+    pub masked: bool,
 }
 
 impl From<&str> for JobVariable {
     fn from(value: &str) -> Self {
-        JobVariable::Plain(value.to_string())
+        JobVariable {
+            value: value.to_string(),
+            masked: false,
+        }
     }
 }
 
 /// A file placed in the job's working directory before it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobFile {
     pub path: String,
-    /// Base64.
-    #[serde(default)]
-    pub content: String,
+    pub content_base64: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// When a job's artifacts are collected (GitLab's `artifacts:when`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArtifactsWhen {
+    #[default]
+    OnSuccess,
+    OnFailure,
+    Always,
+}
+
+impl ArtifactsWhen {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactsWhen::OnSuccess => "on_success",
+            ArtifactsWhen::OnFailure => "on_failure",
+            ArtifactsWhen::Always => "always",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ArtifactsWhen> {
+        [
+            ArtifactsWhen::OnSuccess,
+            ArtifactsWhen::OnFailure,
+            ArtifactsWhen::Always,
+        ]
+        .into_iter()
+        .find(|w| w.as_str() == text)
+    }
+
+    /// Whether artifacts are collected after a job that `succeeded` or not.
+    pub fn applies(self, succeeded: bool) -> bool {
+        match self {
+            ArtifactsWhen::OnSuccess => succeeded,
+            ArtifactsWhen::OnFailure => !succeeded,
+            ArtifactsWhen::Always => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ArtifactsSpec {
-    #[serde(default)]
     pub paths: Vec<String>,
-    /// on_success (default), on_failure or always.
-    #[serde(default = "on_success")]
-    pub when: String,
-    #[serde(default)]
+    pub when: ArtifactsWhen,
     pub expire_in: Option<String>,
 }
 
-fn on_success() -> String {
-    "on_success".into()
-}
-
-fn default_timeout() -> u64 {
-    3600
-}
-
-/// What a client asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// What a client asks for; never changes once submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobSpec {
     pub name: String,
-    #[serde(default)]
     pub image: Option<String>,
-    #[serde(default)]
     pub execution_environment_id: Option<u64>,
     pub script: Vec<String>,
-    #[serde(default)]
     pub after_script: Vec<String>,
-    #[serde(default)]
     pub variables: BTreeMap<String, JobVariable>,
-    #[serde(default)]
     pub tags: Vec<String>,
     /// Seconds.
-    #[serde(default = "default_timeout")]
     pub timeout: u64,
-    #[serde(default)]
     pub files: Vec<JobFile>,
-    #[serde(default)]
     pub artifacts: Option<ArtifactsSpec>,
-    #[serde(default)]
     pub dependencies: Vec<i64>,
 }
 
-/// A job and everything that happened to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Job {
-    pub id: i64,
-    #[serde(flatten)]
-    pub spec: JobSpec,
+/// The default job timeout (GitLab's: one hour).
+pub const DEFAULT_TIMEOUT: u64 = 3600;
+
+/// What happens to a job: changes as it runs (the store keeps it apart from the spec, so
+/// that an update never rewrites what was submitted).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JobState {
     pub status: JobStatus,
     pub exit_code: Option<i64>,
     pub failure_reason: Option<String>,
     /// The agent running or having run it.
     pub agent_id: Option<i64>,
     /// Unix seconds.
-    pub created_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
-    pub trace_size: u64,
-    /// CRC32 of the trace as its agent sent it (the stored one has its secrets masked).
-    #[serde(default)]
-    pub trace_crc: Option<u32>,
-    /// Uploaded artifacts by type (`archive`, `junit`, ...).
-    #[serde(default)]
-    pub uploaded_artifacts: BTreeMap<String, StoredArtifact>,
     /// When its agent last reported (unix seconds): a running job silent for too long has
     /// lost its agent.
-    #[serde(default)]
     pub last_seen: Option<u64>,
+    pub trace_size: u64,
+    /// CRC32 of the trace as its agent sent it (the stored one has its secrets masked).
+    pub trace_crc: Option<u32>,
+    /// The timeout it runs with (the spec's, capped by its agent's `maximum_timeout`).
+    pub timeout: Option<u64>,
+    /// Uploaded artifacts by type (`archive`, `junit`, ...).
+    pub uploaded_artifacts: BTreeMap<String, StoredArtifact>,
     /// The job token's hash while the job runs (the token dies with the job).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub token_hash: Option<String>,
 }
 
+/// A job: what was asked and what happened to it so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: i64,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub spec: Arc<JobSpec>,
+    pub state: JobState,
+}
+
+impl Job {
+    /// The timeout the job runs with.
+    pub fn timeout(&self) -> u64 {
+        self.state.timeout.unwrap_or(self.spec.timeout)
+    }
+}
+
 /// One uploaded artifact file, kept in the data dir.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredArtifact {
     pub filename: String,
     pub format: String,

@@ -69,7 +69,7 @@ pub fn for_job(
     let mut next_part = || version_parts.next().unwrap_or("0").to_string();
     let (major, minor, patch) = (next_part(), next_part(), next_part());
     let created = rfc3339(job.created_at);
-    let started = rfc3339(job.started_at.unwrap_or(job.created_at));
+    let started = rfc3339(job.state.started_at.unwrap_or(job.created_at));
     let id = job.id.to_string();
     let job_url = format!("{url}/api/v1/jobs/{}", job.id);
     let project_url = format!("{url}/trident/jobs");
@@ -101,7 +101,7 @@ pub fn for_job(
         public("CI_JOB_STAGE", "test"),
         public("CI_JOB_URL", job_url.clone()),
         public("CI_JOB_STARTED_AT", started),
-        public("CI_JOB_TIMEOUT", spec.timeout.to_string()),
+        public("CI_JOB_TIMEOUT", job.timeout().to_string()),
         Variable {
             key: "CI_JOB_TOKEN".into(),
             value: token.into(),
@@ -161,9 +161,9 @@ pub fn for_job(
     }
     variables.extend(spec.variables.iter().map(|(k, v)| Variable {
         key: k.clone(),
-        value: v.value().to_string(),
-        public: !v.masked(),
-        masked: v.masked(),
+        value: v.value.to_string(),
+        public: !v.masked,
+        masked: v.masked,
     }));
     variables
 }
@@ -203,36 +203,25 @@ pub fn slug(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobSpec, JobStatus};
+    use crate::jobs::{JobSpec, JobState, JobStatus};
 
     fn job() -> Job {
         Job {
             id: 42,
-            spec: JobSpec {
+            created_at: 0,
+            spec: std::sync::Arc::new(JobSpec {
                 name: "build".into(),
                 image: Some("python:3.12".into()),
-                execution_environment_id: None,
                 script: vec!["true".into()],
-                after_script: vec![],
                 variables: [("CI_JOB_STAGE".to_string(), "deploy".into())].into(),
-                tags: vec![],
                 timeout: 600,
-                files: vec![],
-                artifacts: None,
-                dependencies: vec![],
+                ..JobSpec::default()
+            }),
+            state: JobState {
+                status: JobStatus::Running,
+                agent_id: Some(7),
+                ..JobState::default()
             },
-            status: JobStatus::Running,
-            exit_code: None,
-            failure_reason: None,
-            agent_id: Some(7),
-            created_at: 0,
-            started_at: None,
-            finished_at: None,
-            trace_size: 0,
-            trace_crc: None,
-            uploaded_artifacts: Default::default(),
-            last_seen: None,
-            token_hash: None,
         }
     }
 
