@@ -71,6 +71,10 @@ pub struct RecordingBackend {
     pub destroyed: Arc<AtomicU64>,
     /// Creation delays in microseconds are drawn from this state.
     seed: AtomicU64,
+    /// While set, every creation fails (an engine that cannot make runners).
+    pub fail_creations: std::sync::atomic::AtomicBool,
+    /// Creations attempted (successful or not).
+    pub attempts: AtomicU64,
 }
 
 impl RecordingBackend {
@@ -99,6 +103,10 @@ impl Backend for RecordingBackend {
 
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
         tokio::time::sleep(self.delay()).await;
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        if self.fail_creations.load(Ordering::Relaxed) {
+            return Err(BackendError::Failed("the engine is broken".into()));
+        }
         self.created.fetch_add(1, Ordering::Relaxed);
         self.live.lock().unwrap().insert(spec.runner_id.clone());
         Ok(Box::new(RecordedSandbox {
