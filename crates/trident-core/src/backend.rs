@@ -50,17 +50,34 @@ pub enum ExitOutcome {
 
 pub type ExitFuture = Pin<Box<dyn Future<Output = ExitOutcome> + Send>>;
 
-/// A started execution: its standard streams, its end, and a way to kill it.
+/// A piece of an execution's output, from one of its two streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(bytes::Bytes),
+    Stderr(bytes::Bytes),
+}
+
+/// The output of an execution, in order within each stream (engines such as Docker's exec
+/// attach deliver exactly this: one stream of tagged chunks).
+pub type OutputStream = Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Output>> + Send>>;
+
+/// What can be done to a running execution from outside.
+#[async_trait]
+pub trait ExecutionControl: Send + Sync {
+    /// Kills the whole process tree of the execution; the runner stays usable. Asynchronous
+    /// and fallible: for a remote engine it is a call into the runner.
+    async fn kill(&self) -> BackendResult<()>;
+}
+
+/// A started execution: its standard input, its output, its end, and control over it.
 ///
-/// `stdout` and `stderr` reach end-of-file once every process of the execution is gone, so a
-/// reader that drains both before reporting `exit` never loses output.
+/// `output` ends once every process of the execution is gone, so a reader that drains it
+/// before reporting `exit` never loses output.
 pub struct BackendExecution {
     pub stdin: Box<dyn AsyncWrite + Send + Unpin>,
-    pub stdout: Box<dyn AsyncRead + Send + Unpin>,
-    pub stderr: Box<dyn AsyncRead + Send + Unpin>,
+    pub output: OutputStream,
     pub exit: ExitFuture,
-    /// Kills the whole process tree of the execution; the runner stays usable.
-    pub kill: Box<dyn FnOnce() + Send>,
+    pub control: Box<dyn ExecutionControl>,
 }
 
 /// What a client needs to know about a spec'd execution.
@@ -130,6 +147,7 @@ pub trait Sandbox: Send + Sync {
         content: Box<dyn AsyncRead + Send + Unpin>,
     ) -> BackendResult<u64>;
 
-    /// Kills every process of the runner and frees everything it held. Idempotent.
-    async fn destroy(&self);
+    /// Kills every process of the runner and frees everything it held. Idempotent; an error
+    /// says what could not be freed (the caller logs it; nothing is retried).
+    async fn destroy(&self) -> BackendResult<()>;
 }

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::{BackendExecution, ExitOutcome};
+use crate::backend::{BackendExecution, ExitOutcome, Output, OutputStream};
 use crate::utf8::Utf8Chunker;
 
 /// The message a client reads; the WebSocket layer adds the leading `start`.
@@ -52,7 +53,6 @@ pub struct RunningExecution {
 /// Output chunks in flight per execution; a slow client stalls the process instead of
 /// growing server memory.
 const MESSAGE_BUFFER: usize = 16;
-const READ_CHUNK: usize = 32 * 1024;
 
 pub(crate) fn spawn(
     execution: BackendExecution,
@@ -77,20 +77,20 @@ async fn drive(
 ) {
     let BackendExecution {
         mut stdin,
-        stdout,
-        stderr,
+        output,
         exit,
-        kill,
+        control,
     } = execution;
+    let kill = || async {
+        if let Err(e) = control.kill().await {
+            tracing::warn!(error = %e, "killing an execution failed");
+        }
+    };
 
     // Output and the exit status are awaited together and all dropped at once when another
     // branch wins, so nothing can be sent after the terminal message.
     let finished = async {
-        let (outcome, (), ()) = tokio::join!(
-            exit,
-            pump(stdout, &out, ExecMessage::Stdout),
-            pump(stderr, &out, ExecMessage::Stderr)
-        );
+        let (outcome, ()) = tokio::join!(exit, pump(output, &out));
         outcome
     };
     let feed_stdin = async {
@@ -125,11 +125,11 @@ async fn drive(
             }
         }),
         () = limit => {
-            kill();
+            kill().await;
             Some(ExecMessage::Timeout)
         }
         end = ended => {
-            kill();
+            kill().await;
             Some(match end {
                 Some(RunnerEnd::InactivityTimeout) => ExecMessage::Timeout,
                 _ => ExecMessage::Error(RUNNER_DELETED_MESSAGE.into()),
@@ -137,7 +137,7 @@ async fn drive(
         }
         () = out.closed() => {
             // The client went away: cancel, the runner stays usable.
-            kill();
+            kill().await;
             None
         }
         () = feed_stdin => None,
@@ -147,25 +147,29 @@ async fn drive(
     }
 }
 
-async fn pump(
-    mut reader: Box<dyn AsyncRead + Send + Unpin>,
-    out: &mpsc::Sender<ExecMessage>,
-    wrap: fn(String) -> ExecMessage,
-) {
-    let mut chunker = Utf8Chunker::default();
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+/// Turns the output into messages, each stream cut into valid UTF-8 on its own.
+async fn pump(mut output: OutputStream, out: &mpsc::Sender<ExecMessage>) {
+    let mut stdout = Utf8Chunker::default();
+    let mut stderr = Utf8Chunker::default();
+    while let Some(Ok(piece)) = output.next().await {
+        let message = match piece {
+            Output::Stdout(bytes) => ExecMessage::Stdout(stdout.push(&bytes)),
+            Output::Stderr(bytes) => ExecMessage::Stderr(stderr.push(&bytes)),
         };
-        let text = chunker.push(&buf[..n]);
-        if !text.is_empty() && out.send(wrap(text)).await.is_err() {
+        let empty =
+            matches!(&message, ExecMessage::Stdout(t) | ExecMessage::Stderr(t) if t.is_empty());
+        if !empty && out.send(message).await.is_err() {
             return;
         }
     }
-    let rest = chunker.finish();
-    if !rest.is_empty() {
-        let _ = out.send(wrap(rest)).await;
+    for message in [
+        ExecMessage::Stdout(stdout.finish()),
+        ExecMessage::Stderr(stderr.finish()),
+    ] {
+        let empty =
+            matches!(&message, ExecMessage::Stdout(t) | ExecMessage::Stderr(t) if t.is_empty());
+        if !empty {
+            let _ = out.send(message).await;
+        }
     }
 }

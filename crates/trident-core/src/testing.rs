@@ -164,9 +164,10 @@ impl Sandbox for RecordedSandbox {
             .await
             .map_err(|e| BackendError::Failed(e.to_string()))
     }
-    async fn destroy(&self) {
+    async fn destroy(&self) -> BackendResult<()> {
         if self.live.lock().unwrap().remove(&self.id) {
             self.destroyed.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
     }
 }

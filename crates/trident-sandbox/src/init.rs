@@ -30,7 +30,7 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use crate::cgroup::{Cgroups, Limits};
 use crate::confine::{self, Filters};
 use crate::fileops;
-use crate::protocol::{recv_frame, send_frame, Request, Response};
+use crate::protocol::{recv_frame, send_frame, ExecRequest, Request, Response};
 use crate::rootfs;
 use crate::spec::{InitSpec, IDS_PER_RUNNER, USER_NAME, WORKSPACE};
 use trident_core::backend::BackendError;
@@ -38,7 +38,17 @@ use trident_core::backend::BackendError;
 /// `oom_score_adj` of every execution's processes: the highest, so that they go first.
 const EXECUTION_OOM_SCORE_ADJ: &str = "1000";
 
-/// The fd on which the server waits for "ok" (or an error text) from P1.
+/// The id-map hand-shake between P1 and P0, one byte each way: P1 asks once it is in its
+/// new user namespace; P0 answers whether it wrote the maps.
+const ASK_FOR_ID_MAPS: u8 = b'?';
+const ID_MAPS_WRITTEN: u8 = b'k';
+const ID_MAPS_FAILED: u8 = b'!';
+
+/// What P1 writes to the ready fd when the runner accepts work (anything else is the
+/// reason it failed; the server compares with the same constant).
+pub(crate) const READY: &str = "ok";
+
+/// The fd on which the server waits for `READY` (or an error text) from P1.
 const READY_FD: RawFd = 3;
 
 /// Entry point of `trident runner-init <dir>`. Never returns.
@@ -123,10 +133,10 @@ fn map_ids_when_asked(spec: &InitSpec, host_proc: &File, child: Pid, ask: OwnedF
     };
     let result = write_map("uid_map").and_then(|()| write_map("gid_map"));
     let answer: &[u8] = match &result {
-        Ok(()) => b"k",
+        Ok(()) => &[ID_MAPS_WRITTEN],
         Err(e) => {
             eprintln!("runner-init: writing id maps: {e}");
-            b"!"
+            &[ID_MAPS_FAILED]
         }
     };
     let _ = File::from(done).write_all(answer);
@@ -183,7 +193,7 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
     }
     // The server reads the other end. If it died while we were starting, nobody will ever
     // use or record this runner: end it now (the next start's janitor removes the rest).
-    if ready.write_all(b"ok").is_err() {
+    if ready.write_all(READY.as_bytes()).is_err() {
         eprintln!("runner-init: the server went away while the runner started");
         std::process::exit(3);
     }
@@ -263,10 +273,10 @@ fn enter_user_namespace(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<()
     become_owner(spec.uid_base)?;
     unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| io::Error::other(format!("unshare(user): {e}")))?;
-    File::from(id_maps.ask).write_all(b"?")?;
+    File::from(id_maps.ask).write_all(&[ASK_FOR_ID_MAPS])?;
     let mut answer = [0u8; 1];
     let n = File::from(id_maps.done).read(&mut answer)?;
-    if n != 1 || answer[0] != b'k' {
+    if n != 1 || answer[0] != ID_MAPS_WRITTEN {
         return Err(io::Error::other(
             "the user namespace's id maps could not be written",
         ));
@@ -306,19 +316,13 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
         Request::Ping => reply(Response::Pong {
             runner_id: spec.runner_id.clone(),
         }),
-        Request::Exec {
-            command,
-            privileged,
-            environment,
-            tty,
-        } => exec(
-            spec,
-            filters,
+        Request::Exec(request) => exec(
+            &ExecContext {
+                spec,
+                filters,
+                request: &request,
+            },
             stream,
-            &command,
-            privileged,
-            &environment,
-            tty,
             fds,
         ),
         Request::ListFiles {
@@ -374,17 +378,14 @@ fn become_user(spec: &InitSpec) -> io::Result<()> {
 }
 
 /// Runs one execution and reports its end; a hang-up of the connection kills it.
-#[allow(clippy::too_many_arguments)]
-fn exec(
-    spec: &InitSpec,
-    filters: &Filters,
-    stream: &UnixStream,
-    command: &str,
-    privileged: bool,
-    environment: &[(String, String)],
-    tty: bool,
-    fds: Vec<OwnedFd>,
-) -> io::Result<()> {
+/// What every process of one execution needs to know.
+struct ExecContext<'a> {
+    spec: &'a InitSpec,
+    filters: &'a Filters,
+    request: &'a ExecRequest,
+}
+
+fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result<()> {
     if fds.len() != 3 {
         return send_frame(
             stream,
@@ -396,11 +397,12 @@ fn exec(
     // exec-init below: when it exits, the kernel kills every process left (setsid'd and
     // double-forked daemons included).
     unshare(CloneFlags::CLONE_NEWPID).map_err(io::Error::other)?;
-    let argv = shell_argv(command);
-    let envp = environment_for(privileged, environment, tty);
+    let request = ctx.request;
+    let argv = shell_argv(&request.command);
+    let envp = environment_for(request.privileged, &request.environment, request.tty);
     // SAFETY: single-threaded process.
     let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
-        ForkResult::Child => exec_init(spec, filters, privileged, tty, &fds, &argv, &envp, stream),
+        ForkResult::Child => exec_init(ctx, &fds, &argv, &envp, stream),
         ForkResult::Parent { child } => child,
     };
     drop(fds);
@@ -493,12 +495,8 @@ fn environment_for(privileged: bool, extra: &[(String, String)], tty: bool) -> V
 
 /// pid 1 of the execution's pid namespace: starts the command, reaps everything, and exits
 /// with the command's status once the command itself has ended.
-#[allow(clippy::too_many_arguments)]
 fn exec_init(
-    spec: &InitSpec,
-    filters: &Filters,
-    privileged: bool,
-    tty: bool,
+    ctx: &ExecContext,
     fds: &[OwnedFd],
     argv: &[CString],
     envp: &[CString],
@@ -506,7 +504,7 @@ fn exec_init(
 ) -> ! {
     // SAFETY: single-threaded process.
     let command = match unsafe { fork() } {
-        Ok(ForkResult::Child) => start_command(spec, filters, privileged, tty, fds, argv, envp),
+        Ok(ForkResult::Child) => start_command(ctx, fds, argv, envp),
         Ok(ForkResult::Parent { child }) => child,
         Err(_) => std::process::exit(126),
     };
@@ -531,15 +529,13 @@ fn exec_init(
     }
 }
 
-fn start_command(
-    spec: &InitSpec,
-    filters: &Filters,
-    privileged: bool,
-    tty: bool,
-    fds: &[OwnedFd],
-    argv: &[CString],
-    envp: &[CString],
-) -> ! {
+fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[CString]) -> ! {
+    let ExecContext {
+        spec,
+        filters,
+        request,
+    } = ctx;
+    let (privileged, tty) = (request.privileged, request.tty);
     let fail = |what: &str| -> ! {
         let error = io::Error::last_os_error();
         // Stderr is the fd the execution was given once dup2 ran (and the only one left

@@ -5,7 +5,6 @@
 //! - [`init`]: the runner side (`trident runner-init`), single-threaded, no async.
 //! - [`protocol`]: what the two say to each other over the runner's control socket.
 
-pub mod backend;
 pub mod cgroup;
 mod confine;
 mod fdio;
@@ -13,11 +12,12 @@ mod fileops;
 pub mod host_limits;
 pub mod images;
 pub mod init;
+pub mod native;
 pub mod network;
 pub mod protocol;
 mod rootfs;
 pub mod spec;
 mod tree;
 
-pub use backend::{NativeBackend, NativeConfig};
 pub use images::{ImageSource, Images};
+pub use native::{NativeBackend, NativeConfig};

@@ -20,12 +20,7 @@ pub const MAX_FRAME: usize = 512 * 1024 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     /// Runs a command; fds: stdin, stdout, stderr.
-    Exec {
-        command: String,
-        privileged: bool,
-        environment: Vec<(String, String)>,
-        tty: bool,
-    },
+    Exec(ExecRequest),
     ListFiles {
         path: String,
         recursive: bool,
@@ -46,6 +41,16 @@ pub enum Request {
         privileged: bool,
     },
     Ping,
+}
+
+/// What to run, and as whom.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub command: String,
+    pub privileged: bool,
+    pub environment: Vec<(String, String)>,
+    /// stdin and stdout on a terminal (stderr always a pipe).
+    pub tty: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

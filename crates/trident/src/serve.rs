@@ -61,6 +61,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
     );
     let restored = manager.restore().await?;
+    // From here on, whatever appears under this instance without a runner is debris.
+    native_backend.start_janitor();
 
     let coordinator = Arc::new(
         trident_jobs::Coordinator::new(
@@ -208,7 +210,7 @@ fn network_config(
     if !file.enabled {
         return Ok(None);
     }
-    let instance = trident_sandbox::backend::instance_id(data_dir)?;
+    let instance = trident_sandbox::native::instance_id(data_dir)?;
     let x = 200 + u8::from_str_radix(&instance[..2], 16).unwrap_or(0) % 50;
     let subnet = file
         .subnet

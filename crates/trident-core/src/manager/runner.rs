@@ -87,7 +87,9 @@ impl Runner {
 /// between leaves a record whose runner is gone, which the next start drops).
 pub(super) async fn destroy(store: Arc<dyn Store>, runner: Arc<Runner>, why: RunnerEnd) {
     runner.end.send_replace(Some(why));
-    runner.sandbox.destroy().await;
+    if let Err(e) = runner.sandbox.destroy().await {
+        tracing::warn!(runner = %runner.id, error = %e, "destroying a runner left something behind");
+    }
     if let Err(e) = store.delete_runner(&runner.id) {
         tracing::error!(runner = %runner.id, error = %e, "forgetting a destroyed runner failed");
     }

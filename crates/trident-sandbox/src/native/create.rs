@@ -1,0 +1,231 @@
+//! Making a runner: its spec (limits, id range, network, root filesystem), then its
+//! runner-init, started and waited for until it says it is ready.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use trident_core::backend::{BackendError, BackendResult, RunnerSpec};
+
+use super::leases::{KnownGuard, Leases, PortLease, SlotLease};
+use super::{failed, NativeBackend, NativeSandbox};
+use crate::network::{self, RunnerNetwork};
+use crate::spec::{InitSpec, IDS_PER_RUNNER};
+
+use crate::init::READY;
+
+impl NativeBackend {
+    /// Makes and starts a runner; on any failure everything it took is given back (the
+    /// leases free themselves, the sandbox destroys itself).
+    pub(super) async fn create(&self, spec: RunnerSpec) -> BackendResult<NativeSandbox> {
+        // Known before anything exists on disk, so that the janitor never races a creation.
+        let known = KnownGuard::new(&self.known, &spec.runner_id);
+        let slot = SlotLease::take(&self.id_slots, self.max_slots()).ok_or_else(|| {
+            BackendError::Failed("no free user id range for another runner".into())
+        })?;
+        let (network, ports) = self
+            .runner_network(&spec, slot.slot)
+            .map_err(BackendError::Invalid)?;
+        let init = self
+            .init_spec(&spec, slot.slot, network)
+            .map_err(BackendError::Invalid)?;
+        if init.network.is_some() {
+            self.prepare_network().await?;
+        }
+        let leases = Leases {
+            known,
+            slot: Some(slot),
+            ports,
+        };
+        let sandbox = self.start(init, leases).await?;
+        if let Some(network) = sandbox.network().cloned() {
+            let published = tokio::task::spawn_blocking(move || network::map_ports(&network)).await;
+            if !matches!(published, Ok(Ok(()))) {
+                let _ = sandbox.destroy_now().await;
+                return Err(BackendError::Failed(format!(
+                    "publishing exposed ports: {published:?}"
+                )));
+            }
+        }
+        Ok(sandbox)
+    }
+
+    /// Prepares the host for networked runners (bridge, firewall), once per server start.
+    async fn prepare_network(&self) -> BackendResult<()> {
+        let Some(config) = &self.config.network else {
+            return Err(BackendError::Invalid(
+                "network access is not configured on this server".into(),
+            ));
+        };
+        self.network_ready
+            .get_or_try_init(|| async {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || network::setup_host(&config))
+                    .await
+                    .map_err(failed)?
+                    .map_err(failed)
+            })
+            .await
+            .map(drop)
+    }
+
+    /// The network of a new runner: its address (from its slot) and free host ports for
+    /// its exposed ports.
+    fn runner_network(
+        &self,
+        spec: &RunnerSpec,
+        slot: u32,
+    ) -> Result<(Option<RunnerNetwork>, Option<PortLease>), String> {
+        let env = &spec.environment;
+        if !env.network_access {
+            return Ok((None, None));
+        }
+        let config = self
+            .config
+            .network
+            .as_ref()
+            .ok_or("network access is not configured on this server")?;
+        let address = config.address(slot).ok_or("no network address left")?;
+        let lease = PortLease::take(
+            &self.host_ports,
+            config.ports.0..=config.ports.1,
+            env.exposed_ports.len(),
+            network::host_port_free,
+        )
+        .ok_or("no free host port for an exposed port")?;
+        let ports = env
+            .exposed_ports
+            .iter()
+            .copied()
+            .zip(lease.ports().iter().copied())
+            .collect();
+        let host_if = format!(
+            "{}{}",
+            network::IF_PREFIX,
+            &spec.runner_id.replace('-', "")[..12]
+        );
+        let network = RunnerNetwork {
+            bridge: config.bridge.clone(),
+            host_if,
+            address,
+            gateway: config.gateway(),
+            dns: config.dns.clone(),
+            ports,
+        };
+        Ok((Some(network), Some(lease)))
+    }
+
+    fn init_spec(
+        &self,
+        spec: &RunnerSpec,
+        slot: u32,
+        network: Option<RunnerNetwork>,
+    ) -> Result<InitSpec, String> {
+        let env = &spec.environment;
+        let rootfs = self.config.images.resolve(&env.image)?;
+        let memory_mb = match env.memory_limit {
+            0 => self.config.default_memory_mb,
+            mb => mb,
+        };
+        let memory_bytes = u64::from(memory_mb) * 1024 * 1024;
+        let cpu_cores = (env.cpu_limit > 0).then(|| {
+            (f64::from(env.cpu_limit) / self.config.cpu_mhz_per_core).max(self.config.min_cpu_cores)
+        });
+        Ok(InitSpec {
+            runner_id: spec.runner_id.clone(),
+            dir: self.runners_dir.join(&spec.runner_id),
+            rootfs,
+            cgroup: format!("{}/{}", self.cgroup_parent, spec.runner_id),
+            memory_bytes,
+            cpu_cores,
+            pids: self.config.pids_limit,
+            // Files live in memory charged to the runner: a full disk must still leave room
+            // for processes (to remove the files, for one), so files get half the limit
+            // and /dev/shm a quarter.
+            writable_bytes: (memory_bytes / 2).max(8 * 1024 * 1024),
+            hostname: "runner".into(),
+            user_uid: self.config.user_uid,
+            user_gid: self.config.user_gid,
+            uid_base: self.config.first_runner_id + slot * IDS_PER_RUNNER,
+            network,
+            hidden_paths: self
+                .config
+                .hidden_paths
+                .iter()
+                .chain(std::iter::once(&self.config.data_dir))
+                .cloned()
+                .collect(),
+        })
+    }
+
+    /// Starts the runner-init of `spec` and waits until it is ready (or says why not).
+    async fn start(&self, spec: InitSpec, leases: Leases) -> BackendResult<NativeSandbox> {
+        let dir = spec.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
+        std::fs::write(
+            dir.join("spec.json"),
+            serde_json::to_vec(&spec).map_err(failed)?,
+        )
+        .map_err(failed)?;
+        let log = std::fs::File::create(dir.join("init.log")).map_err(failed)?;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
+        let ready_w_raw = ready_w.as_raw_fd();
+
+        let mut command = tokio::process::Command::new(&self.exe);
+        command
+            .arg("runner-init")
+            .arg(&dir)
+            // Nothing of the server's environment (tokens!) may reach a runner.
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Its own session: a Ctrl-C or a signal to the server's group spares runners.
+                if libc::setsid() < 0 || libc::dup2(ready_w_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(failed)?;
+        drop(ready_w);
+
+        let sandbox = NativeSandbox::new(
+            self,
+            &spec.runner_id,
+            spec.network.clone(),
+            Some(spec.writable_bytes),
+            Some(child),
+            leases,
+        );
+        let wait_ready = tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            let mut file = std::fs::File::from(ready_r);
+            std::io::Read::read_to_string(&mut file, &mut text).map(|_| text)
+        });
+        let answer = tokio::time::timeout(self.config.start_timeout, wait_ready).await;
+        match answer {
+            Ok(Ok(Ok(text))) if text == READY => Ok(sandbox),
+            other => {
+                let reason = match other {
+                    Ok(Ok(Ok(text))) if !text.is_empty() => text,
+                    Ok(Ok(Ok(_))) => {
+                        let log = std::fs::read_to_string(dir.join("init.log")).unwrap_or_default();
+                        format!("runner-init ended without a word: {}", log.trim())
+                    }
+                    Err(_) => format!("not ready within {:?}", self.config.start_timeout),
+                    Ok(Ok(Err(e))) => e.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                };
+                let _ = sandbox.destroy_now().await;
+                Err(BackendError::Failed(format!("starting a runner: {reason}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Executions: stdin and stdout share a terminal (as the reference does), stderr stays a
+//! pipe so that clients can tell the two apart; the end comes over the control socket, and
+//! closing that connection kills the execution.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
+use trident_core::backend::{
+    BackendError, BackendExecution, BackendResult, ExecSpec, ExecutionControl, ExitOutcome, Output,
+};
+
+use super::{failed, NativeSandbox};
+use crate::fdio::FdStream;
+use crate::protocol::{recv_frame, send_frame, ExecRequest, Request, Response, MAX_FRAME};
+
+/// Kills an execution by dropping its half of the connection: the handler in the runner
+/// sees the hang-up and kills the execution's pid namespace.
+struct Control {
+    kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+#[async_trait]
+impl ExecutionControl for Control {
+    async fn kill(&self) -> BackendResult<()> {
+        if let Some(kill) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = kill.send(());
+        }
+        Ok(())
+    }
+}
+
+impl NativeSandbox {
+    pub(super) async fn start_execution(&self, spec: ExecSpec) -> BackendResult<BackendExecution> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(BackendError::Failed("the runner is gone".into()));
+        }
+        let pty = nix::pty::openpty(None, None).map_err(failed)?;
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(failed)?;
+        }
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
+        let oom_before = self.cgroups.oom_kills(&self.cgroup);
+        let socket = self.socket.clone();
+        let request = Request::Exec(ExecRequest {
+            command: spec.command,
+            privileged: spec.privileged,
+            environment: spec.environment,
+            tty: true,
+        });
+        let slave = pty.slave;
+        let stream = tokio::task::spawn_blocking(move || -> std::io::Result<UnixStream> {
+            let stream = UnixStream::connect(&socket)?;
+            let fds = [slave.as_raw_fd(), slave.as_raw_fd(), err_w.as_raw_fd()];
+            send_frame(&stream, &request, &fds)?;
+            // Our copies must close now, or the streams would never reach end-of-file.
+            drop(slave);
+            drop(err_w);
+            match recv_frame::<Response>(&stream)? {
+                Some((Response::Started, _)) => Ok(stream),
+                Some((other, _)) => Err(std::io::Error::other(format!("{other:?}"))),
+                None => Err(std::io::Error::other("runner-init closed the connection")),
+            }
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| BackendError::Failed(format!("starting the execution: {e}")))?;
+        stream.set_nonblocking(true).map_err(failed)?;
+        let mut stream = tokio::net::UnixStream::from_std(stream).map_err(failed)?;
+
+        let master_for_stdin = pty.master.try_clone().map_err(failed)?;
+        let stdin = FdStream::new(master_for_stdin, true).map_err(failed)?;
+        let stdout = ReaderStream::new(FdStream::new(pty.master, true).map_err(failed)?)
+            .map(|chunk| chunk.map(Output::Stdout));
+        let stderr = ReaderStream::new(FdStream::new(err_r, false).map_err(failed)?)
+            .map(|chunk| chunk.map(Output::Stderr));
+        let output = Box::pin(futures_util::stream::select(stdout, stderr));
+
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let cgroups = self.cgroups.clone();
+        let cgroup = self.cgroup.clone();
+        let exit = Box::pin(async move {
+            tokio::select! {
+                // As the reference: a process the OOM killer took while the runner lives on
+                // just ends the execution with its code (137); only a runner whose own
+                // processes died of memory (its control connection broke) is an OOM error.
+                frame = read_frame(&mut stream) => match frame {
+                    Ok(Response::Exited { code }) => ExitOutcome::Exited(code),
+                    Ok(other) => ExitOutcome::Failed(format!("{other:?}")),
+                    Err(_) if cgroups.oom_kills(&cgroup) > oom_before => ExitOutcome::OomKilled,
+                    Err(e) => ExitOutcome::Failed(e.to_string()),
+                },
+                // Dropping the connection tells the handler to kill the execution.
+                _ = kill_rx => ExitOutcome::Failed("killed".into()),
+            }
+        });
+        Ok(BackendExecution {
+            stdin: Box::new(stdin),
+            output,
+            exit,
+            control: Box::new(Control {
+                kill: Mutex::new(Some(kill_tx)),
+            }),
+        })
+    }
+}
+
+async fn read_frame(stream: &mut tokio::net::UnixStream) -> std::io::Result<Response> {
+    let len = stream.read_u32_le().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other("control frame too large"));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(std::io::Error::other)
+}
