@@ -34,6 +34,18 @@ pub struct ApiConfig {
     pub sessions: Sessions,
 }
 
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            token: None,
+            // A few files of a learner's exercise, base64-encoded, fit many times over.
+            max_body_bytes: 64 * 1024 * 1024,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sessions: Sessions::default(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub manager: Manager,

@@ -38,6 +38,19 @@ pub struct GitlabConfig {
     pub max_artifact_bytes: u64,
 }
 
+impl Default for GitlabConfig {
+    fn default() -> Self {
+        GitlabConfig {
+            registration_token: None,
+            api_token: None,
+            // GitLab's own long-poll behind Workhorse.
+            request_poll: Duration::from_secs(50),
+            // GitLab's default maximum artifacts size.
+            max_artifact_bytes: 100 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct GitlabState {
     pub store: Arc<dyn CiStore>,

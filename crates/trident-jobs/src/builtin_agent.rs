@@ -27,6 +27,27 @@ const WORKSPACE: &str = "/workspace";
 /// How long after_script may run.
 const AFTER_SCRIPT_TIMEOUT: u64 = 300;
 
+/// What an operator chooses about the built-in agent; `Default` holds the defaults.
+#[derive(Debug, Clone)]
+pub struct BuiltinAgentConfig {
+    /// Run jobs on this machine at all (false: only external agents take them).
+    pub enabled: bool,
+    /// Its tags; it also runs untagged jobs.
+    pub tags: Vec<String>,
+    /// Jobs it runs at once.
+    pub concurrency: usize,
+}
+
+impl Default for BuiltinAgentConfig {
+    fn default() -> Self {
+        BuiltinAgentConfig {
+            enabled: true,
+            tags: Vec::new(),
+            concurrency: 2,
+        }
+    }
+}
+
 pub struct BuiltinAgent {
     pub manager: Manager,
     pub coordinator: Arc<Coordinator>,

@@ -22,9 +22,10 @@ use std::time::Duration;
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use store::{AgentStore, CiStore, JobStore, RegisteredAgent};
 
-/// Fails running jobs whose agent stopped reporting for `stale_after` and removes expired
-/// artifacts, checking every so often, for as long as the coordinator lives.
-pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>, stale_after: Duration) {
+/// Fails running jobs whose agent stopped reporting for the coordinator's `stale_after` and
+/// removes expired artifacts, checking every so often, for as long as the coordinator lives.
+pub fn watch_for_lost_agents(coordinator: &Arc<Coordinator>) {
+    let stale_after = coordinator.config().stale_after;
     let coordinator = Arc::downgrade(coordinator);
     let every = (stale_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     tokio::spawn(async move {

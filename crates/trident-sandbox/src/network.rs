@@ -35,6 +35,92 @@ const BLOCKED: &[&str] = &[
     "240.0.0.0/4",
 ];
 
+/// The `network:` section of the config file, as an operator writes it: everything optional,
+/// the rest found on the host by [`NetworkSettings::resolve`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// false: environments with network access are refused.
+    pub enabled: bool,
+    /// The /16 runners of this instance get addresses from (default: 10.x.0.0 with x
+    /// derived from the instance id).
+    pub subnet: Option<Ipv4Addr>,
+    /// Resolvers for runners (default: the host's non-loopback IPv4 nameservers).
+    pub dns: Option<Vec<Ipv4Addr>>,
+    /// The address in `mappedPorts[].hostAddress` (default: the host's first non-loopback
+    /// IPv4 address).
+    pub advertise_address: Option<String>,
+    /// Host ports for exposed ports, e.g. `30000-39999`.
+    pub host_ports: String,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            enabled: true,
+            subnet: None,
+            dns: None,
+            advertise_address: None,
+            host_ports: "30000-39999".into(),
+        }
+    }
+}
+
+impl NetworkSettings {
+    /// The host ports as a range, or why they are not one.
+    pub fn host_port_range(&self) -> Result<(u16, u16), String> {
+        let range = &self.host_ports;
+        range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .filter(|(a, b): &(u16, u16)| a <= b && *a > 0)
+            .ok_or_else(|| format!("network.host_ports must look like 30000-39999, not {range:?}"))
+    }
+
+    /// The settings of the instance whose id is `instance` (see `native::instance_id`), with
+    /// what the operator left out taken from the host; None when network access is off.
+    pub fn resolve(&self, instance: &str) -> Result<Option<NetworkConfig>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        // Instances on one host get different subnets unless told otherwise.
+        let x = 200 + u8::from_str_radix(instance.get(..2).unwrap_or("00"), 16).unwrap_or(0) % 50;
+        let subnet = self.subnet.unwrap_or(Ipv4Addr::new(10, x, 0, 0));
+        let dns = self.dns.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/resolv.conf")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("nameserver"))
+                .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+                .filter(|a| !a.is_loopback())
+                .collect()
+        });
+        let advertise = match &self.advertise_address {
+            Some(address) => address.clone(),
+            None => primary_ipv4().unwrap_or_else(|| "127.0.0.1".into()),
+        };
+        Ok(Some(NetworkConfig {
+            bridge: format!("{IF_PREFIX}{}", &instance[..12.min(instance.len())]),
+            subnet,
+            dns,
+            advertise,
+            ports: self.host_port_range()?,
+        }))
+    }
+}
+
+/// The source address of the host's default route.
+fn primary_ipv4() -> Option<String> {
+    let output = Command::new("ip")
+        .args(["-o", "-4", "route", "get", "192.0.2.255"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "src")?;
+    words.next().map(String::from)
+}
+
 /// Network settings of one trident instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkConfig {

@@ -9,6 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
+use trident_api::ApiConfig;
+use trident_core::ManagerConfig;
+use trident_gitlab::GitlabConfig;
+use trident_http::server::ConnectionLimits;
+use trident_jobs::builtin_agent::BuiltinAgentConfig;
+use trident_jobs::CoordinatorConfig;
+use trident_sandbox::network::NetworkSettings;
+use trident_sandbox::{Images, NativeConfig};
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
@@ -98,94 +106,66 @@ pub struct FileConfig {
     destroy_runners_on_exit: Option<bool>,
     /// Network access for environments with `networkAccess: true`.
     #[serde(default)]
-    network: NetworkFileConfig,
+    network: NetworkSettings,
     log: Option<String>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkFileConfig {
-    /// false: environments with network access are refused.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// The /16 runners of this instance get addresses from (default: 10.x.0.0 with x
-    /// derived from the instance id).
-    pub subnet: Option<std::net::Ipv4Addr>,
-    /// Resolvers for runners (default: the host's non-loopback IPv4 nameservers).
-    pub dns: Option<Vec<std::net::Ipv4Addr>>,
-    /// The address in `mappedPorts[].hostAddress` (default: the host's first non-loopback
-    /// IPv4 address).
-    pub advertise_address: Option<String>,
-    /// Host ports for exposed ports, e.g. `30000-39999`.
-    pub host_ports: Option<String>,
+/// The settings of the server process itself (the components have theirs).
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The config file read, if any.
+    pub config_file: Option<PathBuf>,
+    /// On SIGTERM, how long requests and executions in flight may take before they are cut.
+    pub shutdown_grace: Duration,
+    pub connection_limits: ConnectionLimits,
+    pub destroy_runners_on_exit: bool,
+    /// The log filter when `TRIDENT_LOG` is not set.
+    pub log: String,
 }
 
-fn yes() -> bool {
-    true
-}
-
-impl Default for NetworkFileConfig {
+impl Default for ServerSettings {
     fn default() -> Self {
-        NetworkFileConfig {
-            enabled: true,
-            subnet: None,
-            dns: None,
-            advertise_address: None,
-            host_ports: None,
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
+            data_dir: PathBuf::from("./trident-data"),
+            config_file: None,
+            shutdown_grace: Duration::from_secs(10),
+            connection_limits: ConnectionLimits::default(),
+            destroy_runners_on_exit: false,
+            log: "info".into(),
         }
     }
 }
 
-impl NetworkFileConfig {
-    pub fn host_port_range(&self) -> anyhow::Result<(u16, u16)> {
-        let Some(range) = &self.host_ports else {
-            return Ok((30000, 39999));
-        };
-        let parsed = range
-            .split_once('-')
-            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
-            .filter(|(a, b): &(u16, u16)| a <= b && *a > 0);
-        parsed.ok_or_else(|| {
-            anyhow::anyhow!("network.host_ports must look like 30000-39999, not {range:?}")
-        })
-    }
+/// Everything `serve` composes, each part in its component's own config type. Defaults live
+/// only in those types' `Default` (or `NativeConfig::new`); this file maps the flags and the
+/// file's keys onto them.
+pub struct Settings {
+    pub server: ServerSettings,
+    pub manager: ManagerConfig,
+    pub api: ApiConfig,
+    pub gitlab: GitlabConfig,
+    pub coordinator: CoordinatorConfig,
+    pub agent: BuiltinAgentConfig,
+    /// Its `data_dir` is the one configured; `serve` makes it absolute.
+    pub native: NativeConfig,
+    pub network: NetworkSettings,
 }
 
-#[derive(Debug)]
-pub struct Settings {
-    pub listen: SocketAddr,
-    pub token: Option<String>,
-    pub registration_token: Option<String>,
-    pub data_dir: PathBuf,
-    /// The config file read, if any.
-    pub config_file: Option<PathBuf>,
-    pub images: BTreeMap<String, String>,
-    pub claim_wait: Duration,
-    pub pool_depletion_threshold: f64,
-    pub max_concurrent_creations: usize,
-    pub max_pool_size: u32,
-    pub max_body_bytes: usize,
-    pub pids_limit: u64,
-    pub default_memory_mb: Option<u32>,
-    pub max_runner_processes: Option<u64>,
-    pub lift_file_max: bool,
-    pub min_cpu_cores: f64,
-    pub cpu_mhz_per_core: Option<f64>,
-    pub shutdown_grace: Duration,
-    pub connection_limits: trident_http::server::ConnectionLimits,
-    pub runner_id_base: u32,
-    pub job_request_poll: Duration,
-    pub trace_accept_timeout: Duration,
-    pub builtin_agent: bool,
-    pub builtin_agent_tags: Vec<String>,
-    pub builtin_agent_concurrency: usize,
-    pub job_stale_after: Duration,
-    pub max_artifact_bytes: u64,
-    pub max_trace_bytes: u64,
-    pub destroy_runners_on_exit: bool,
-    pub network: NetworkFileConfig,
-    pub log: String,
+/// `value` seconds, or `default` when the key is absent.
+fn seconds(value: Option<u64>, default: Duration) -> Duration {
+    value.map_or(default, Duration::from_secs)
 }
+
+/// Like [`seconds`], but never below one second (zero would mean "at once" where that
+/// makes no sense).
+fn seconds_at_least_one(value: Option<u64>, default: Duration) -> Duration {
+    value.map_or(default, |s| Duration::from_secs(s.max(1)))
+}
+
+const MIB: u64 = 1024 * 1024;
 
 impl Settings {
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Settings> {
@@ -193,76 +173,114 @@ impl Settings {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
-        let runner_id_base = file.runner_id_base.unwrap_or(1_000_000_000);
-        // Root in a runner must never be a real user of the host (least of all root), and
-        // the ranges of many runners must fit below the largest id.
-        if !(100_000..=u32::MAX - 65_536 * 1024).contains(&runner_id_base) {
-            anyhow::bail!(
-                "runner_id_base must be between 100000 and {}, not {runner_id_base}",
-                u32::MAX - 65_536 * 1024
-            );
-        }
-        let threshold = file.pool_depletion_threshold.unwrap_or(0.0);
+
+        let mut server = ServerSettings::default();
+        server.listen = args.listen.or(file.listen).unwrap_or(server.listen);
+        server.data_dir = args.data_dir.or(file.data_dir).unwrap_or(server.data_dir);
+        server.config_file = args.config.clone();
+        server.shutdown_grace = seconds(file.shutdown_grace_seconds, server.shutdown_grace);
+        let limits = &mut server.connection_limits;
+        limits.header_timeout =
+            seconds_at_least_one(file.http_header_timeout_seconds, limits.header_timeout);
+        limits.idle_timeout =
+            seconds_at_least_one(file.http_idle_timeout_seconds, limits.idle_timeout);
+        server.destroy_runners_on_exit = args.destroy_runners_on_exit
+            || file
+                .destroy_runners_on_exit
+                .unwrap_or(server.destroy_runners_on_exit);
+        server.log = file.log.unwrap_or(server.log);
+
+        let mut manager = ManagerConfig::default();
+        manager.claim_wait = seconds(file.claim_wait_seconds, manager.claim_wait);
+        manager.max_concurrent_creations = file
+            .max_concurrent_creations
+            .unwrap_or(manager.max_concurrent_creations)
+            .max(1);
+        manager.max_pool_size = file.max_pool_size.unwrap_or(manager.max_pool_size);
+        manager.pool_depletion_threshold = file
+            .pool_depletion_threshold
+            .unwrap_or(manager.pool_depletion_threshold);
+        let threshold = manager.pool_depletion_threshold;
         if !(0.0..=1.0).contains(&threshold) {
             anyhow::bail!("pool_depletion_threshold must be between 0 and 1, not {threshold}");
         }
-        Ok(Settings {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:7200".parse().expect("valid")),
-            token: args.token.or(file.token).filter(|t| !t.is_empty()),
+
+        let token = args.token.or(file.token).filter(|t| !t.is_empty());
+        let mut api = ApiConfig {
+            token: token.clone(),
+            ..ApiConfig::default()
+        };
+        if let Some(mb) = file.max_body_mb {
+            api.max_body_bytes = mb.saturating_mul(MIB as usize);
+        }
+
+        let mut gitlab = GitlabConfig {
             registration_token: args
                 .registration_token
                 .or(file.registration_token)
                 .filter(|t| !t.is_empty()),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./trident-data")),
-            config_file: args.config.clone(),
-            images: file.images,
-            claim_wait: Duration::from_secs(file.claim_wait_seconds.unwrap_or(10)),
-            pool_depletion_threshold: threshold,
-            max_concurrent_creations: file.max_concurrent_creations.unwrap_or(4).max(1),
-            max_pool_size: file.max_pool_size.unwrap_or(1000),
-            max_body_bytes: file.max_body_mb.unwrap_or(64) * 1024 * 1024,
-            pids_limit: file.pids_limit.unwrap_or(512),
-            default_memory_mb: file.default_memory_limit_mb,
-            max_runner_processes: file.max_runner_processes,
-            lift_file_max: file.lift_file_max.unwrap_or(true),
-            min_cpu_cores: file.min_cpu_cores.unwrap_or(0.25),
-            cpu_mhz_per_core: file.cpu_mhz_per_core,
-            shutdown_grace: Duration::from_secs(file.shutdown_grace_seconds.unwrap_or(10)),
-            connection_limits: {
-                let defaults = trident_http::server::ConnectionLimits::default();
-                trident_http::server::ConnectionLimits {
-                    header_timeout: file
-                        .http_header_timeout_seconds
-                        .map_or(defaults.header_timeout, |s| Duration::from_secs(s.max(1))),
-                    idle_timeout: file
-                        .http_idle_timeout_seconds
-                        .map_or(defaults.idle_timeout, |s| Duration::from_secs(s.max(1))),
-                }
-            },
-            runner_id_base,
-            job_request_poll: Duration::from_secs(file.job_request_poll_seconds.unwrap_or(50)),
-            trace_accept_timeout: Duration::from_secs(
-                file.trace_accept_timeout_seconds.unwrap_or(300),
-            ),
-            builtin_agent: !args.no_builtin_agent && file.builtin_agent.unwrap_or(true),
-            builtin_agent_tags: args
-                .builtin_agent_tags
-                .or(file.builtin_agent_tags)
-                .unwrap_or_default(),
-            builtin_agent_concurrency: file.builtin_agent_concurrency.unwrap_or(2).max(1),
-            job_stale_after: Duration::from_secs(file.job_stale_seconds.unwrap_or(1800).max(1)),
-            max_artifact_bytes: file.max_artifacts_mb.unwrap_or(100) * 1024 * 1024,
-            max_trace_bytes: file.max_trace_mb.unwrap_or(100).max(1) * 1024 * 1024,
-            destroy_runners_on_exit: args.destroy_runners_on_exit
-                || file.destroy_runners_on_exit.unwrap_or(false),
+            api_token: token,
+            ..GitlabConfig::default()
+        };
+        gitlab.request_poll = seconds(file.job_request_poll_seconds, gitlab.request_poll);
+        if let Some(mb) = file.max_artifacts_mb {
+            gitlab.max_artifact_bytes = mb.saturating_mul(MIB);
+        }
+
+        let mut coordinator = CoordinatorConfig::default();
+        coordinator.trace_accept_timeout = seconds(
+            file.trace_accept_timeout_seconds,
+            coordinator.trace_accept_timeout,
+        );
+        if let Some(mb) = file.max_trace_mb {
+            coordinator.max_trace_bytes = mb.max(1).saturating_mul(MIB);
+        }
+        coordinator.stale_after =
+            seconds_at_least_one(file.job_stale_seconds, coordinator.stale_after);
+
+        let mut agent = BuiltinAgentConfig::default();
+        agent.enabled = !args.no_builtin_agent && file.builtin_agent.unwrap_or(agent.enabled);
+        agent.tags = args
+            .builtin_agent_tags
+            .or(file.builtin_agent_tags)
+            .unwrap_or(agent.tags);
+        agent.concurrency = file
+            .builtin_agent_concurrency
+            .unwrap_or(agent.concurrency)
+            .max(1);
+
+        let images = Images::new(file.images).map_err(anyhow::Error::msg)?;
+        let mut native = NativeConfig::new(server.data_dir.clone(), images);
+        native.pids_limit = file.pids_limit.unwrap_or(native.pids_limit);
+        // 0 is what the reference's clients send for "no explicit limit": the default.
+        if let Some(mb) = file.default_memory_limit_mb.filter(|mb| *mb > 0) {
+            native.default_memory_mb = mb;
+        }
+        native.max_runner_processes = file.max_runner_processes.or(native.max_runner_processes);
+        native.lift_file_max = file.lift_file_max.unwrap_or(native.lift_file_max);
+        native.min_cpu_cores = file.min_cpu_cores.unwrap_or(native.min_cpu_cores);
+        native.cpu_mhz_per_core = file.cpu_mhz_per_core.unwrap_or(native.cpu_mhz_per_core);
+        native.first_runner_id = file.runner_id_base.unwrap_or(native.first_runner_id);
+        // Root in a runner must never be a real user of the host (least of all root), and
+        // the ranges of many runners must fit below the largest id.
+        let highest_base = u32::MAX - 65_536 * 1024;
+        if !(100_000..=highest_base).contains(&native.first_runner_id) {
+            anyhow::bail!(
+                "runner_id_base must be between 100000 and {highest_base}, not {}",
+                native.first_runner_id
+            );
+        }
+        file.network.host_port_range().map_err(anyhow::Error::msg)?;
+
+        Ok(Settings {
+            server,
+            manager,
+            api,
+            gitlab,
+            coordinator,
+            agent,
+            native,
             network: file.network,
-            log: file.log.unwrap_or_else(|| "info".into()),
         })
     }
 }
@@ -328,11 +346,17 @@ mod tests {
             ..Default::default()
         };
         let s = Settings::resolve(args).unwrap();
-        assert_eq!(s.listen.to_string(), "0.0.0.0:9000");
-        assert_eq!(s.token.as_deref(), Some("from-flag"));
-        assert_eq!(s.data_dir, PathBuf::from("./trident-data"));
-        assert_eq!(s.images.get("python").map(String::as_str), Some("host"));
-        assert_eq!(s.claim_wait, Duration::from_secs(3));
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(s.api.token.as_deref(), Some("from-flag"));
+        assert_eq!(s.gitlab.api_token.as_deref(), Some("from-flag"));
+        assert_eq!(s.server.data_dir, PathBuf::from("./trident-data"));
+        assert!(s.native.images.resolve("python").is_ok());
+        assert_eq!(s.manager.claim_wait, Duration::from_secs(3));
+        // Untouched keys keep their components' defaults.
+        assert_eq!(
+            s.coordinator.max_trace_bytes,
+            CoordinatorConfig::default().max_trace_bytes
+        );
     }
 
     #[test]
@@ -340,11 +364,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trident.yaml");
         std::fs::write(&path, "runner_id_base: 0\n").unwrap();
-        let err = Settings::resolve(ServeArgs {
+        let Err(err) = Settings::resolve(ServeArgs {
             config: Some(path),
             ..Default::default()
-        })
-        .unwrap_err();
+        }) else {
+            panic!("accepted");
+        };
         assert!(err.to_string().contains("runner_id_base"), "{err}");
     }
 
@@ -353,11 +378,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trident.yaml");
         std::fs::write(&path, "listne: 0.0.0.0:9000\n").unwrap();
-        let err = Settings::resolve(ServeArgs {
+        let Err(err) = Settings::resolve(ServeArgs {
             config: Some(path),
             ..Default::default()
-        })
-        .unwrap_err();
+        }) else {
+            panic!("accepted");
+        };
         assert!(format!("{err:#}").contains("listne"), "{err:#}");
     }
 }

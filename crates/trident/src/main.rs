@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::RunnerInit { dir } => trident_sandbox::init::main(&dir),
         Command::Serve(args) => {
             let settings = config::Settings::resolve(args)?;
-            init_logging(&settings.log);
+            init_logging(&settings.server.log);
             raise_open_files_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -54,6 +54,10 @@ pub struct CoordinatorConfig {
     /// A job's trace stops here: the job fails with `trace_size_exceeded`, as in GitLab, whose
     /// default `ci_jobs_trace_size_limit` this is.
     pub max_trace_bytes: u64,
+    /// A running job whose agent sent nothing for this long fails with
+    /// `runner_system_failure` (GitLab drops stuck jobs much later; trident's agents report
+    /// far more often than this).
+    pub stale_after: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -61,6 +65,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             trace_accept_timeout: Duration::from_secs(300),
             max_trace_bytes: 100 * 1024 * 1024,
+            stale_after: Duration::from_secs(1800),
         }
     }
 }
@@ -167,6 +172,10 @@ enum Durability {
 }
 
 impl Coordinator {
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
     pub fn new(
         store: Arc<dyn CiStore>,
         traces: PathBuf,
