@@ -97,3 +97,6 @@ pub fn router(manager: Manager, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests;

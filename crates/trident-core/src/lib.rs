@@ -14,8 +14,10 @@ pub mod execution;
 pub mod manager;
 pub mod model;
 pub mod store;
-#[cfg(test)]
-mod testing;
+/// Test doubles (an in-memory store, a recording backend) for this crate's unit tests and,
+/// with the `testing` feature, for the front doors' in-process router tests.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod utf8;
 
 pub use error::{Error, Result};

@@ -75,6 +75,11 @@ pub struct RecordingBackend {
     pub fail_creations: std::sync::atomic::AtomicBool,
     /// Creations attempted (successful or not).
     pub attempts: AtomicU64,
+    /// When not empty, environments with another image are refused as the native backend
+    /// refuses an image it does not know.
+    pub known_images: Vec<String>,
+    /// File changes (`patch_files` calls) that reached a runner.
+    pub patches: Arc<AtomicU64>,
 }
 
 impl RecordingBackend {
@@ -83,6 +88,12 @@ impl RecordingBackend {
             seed: AtomicU64::new(seed | 1),
             ..RecordingBackend::default()
         }
+    }
+
+    /// Refuses environments whose image is not one of `images`.
+    pub fn with_images(mut self, images: &[&str]) -> RecordingBackend {
+        self.known_images = images.iter().map(|i| i.to_string()).collect();
+        self
     }
 
     fn delay(&self) -> Duration {
@@ -97,8 +108,14 @@ impl RecordingBackend {
 
 #[async_trait]
 impl Backend for RecordingBackend {
-    fn validate(&self, _environment: &ExecutionEnvironment) -> Result<(), String> {
-        Ok(())
+    fn validate(&self, environment: &ExecutionEnvironment) -> Result<(), String> {
+        if self.known_images.is_empty() || self.known_images.contains(&environment.image) {
+            return Ok(());
+        }
+        Err(format!(
+            "unknown image {:?}: known are {:?} (images: in the config)",
+            environment.image, self.known_images
+        ))
     }
 
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
@@ -113,6 +130,7 @@ impl Backend for RecordingBackend {
             id: spec.runner_id,
             live: self.live.clone(),
             destroyed: self.destroyed.clone(),
+            patches: self.patches.clone(),
         }))
     }
 
@@ -124,6 +142,7 @@ impl Backend for RecordingBackend {
             id: spec.runner_id,
             live: self.live.clone(),
             destroyed: self.destroyed.clone(),
+            patches: self.patches.clone(),
         }))
     }
 
@@ -137,6 +156,7 @@ struct RecordedSandbox {
     id: String,
     live: Arc<Mutex<HashSet<String>>>,
     destroyed: Arc<AtomicU64>,
+    patches: Arc<AtomicU64>,
 }
 
 #[async_trait]
@@ -150,6 +170,7 @@ impl Sandbox for RecordedSandbox {
         Ok(Vec::new())
     }
     async fn patch_files(&self, _: Vec<String>, _: Vec<FileCopy>) -> BackendResult<()> {
+        self.patches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
     async fn open_file(&self, _: &str, _: bool) -> BackendResult<FileDownload> {

@@ -147,6 +147,9 @@ pub fn router(
 }
 
 #[cfg(test)]
+mod router_tests;
+
+#[cfg(test)]
 mod tests {
     use super::normalize_path;
 
