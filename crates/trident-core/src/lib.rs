@@ -1,10 +1,10 @@
 //! The execution core of trident: execution environments, prewarmed runner pools,
 //! runners with inactivity timeouts and executions with time limits.
 //!
-//! This crate knows nothing about HTTP and makes no system calls of its own: it talks to an
+//! **This crate knows nothing about HTTP and makes no system calls of its own**: it talks to an
 //! execution engine through the [`backend::Backend`] trait and persists through
-//! [`store::EnvironmentStore`]. Both front doors (the Poseidon API, later the GitLab runner API)
-//! drive the same [`manager::Manager`].
+//! [`store::Store`]. Both front doors (the Poseidon API directly, the GitLab Runner API through
+//! the built-in agent of `trident-jobs`) drive the same [`manager::Manager`].
 
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,7 @@
 //! trident's native Linux sandbox: one long-lived runner-init per runner in its own
 //! namespaces, cgroup and root filesystem; executions are forked inside it.
 //!
-//! - [`backend`]: the server side (implements `trident_core::backend::Backend`).
+//! - [`native`]: the server side (implements `trident_core::backend::Backend`).
 //! - [`init`]: the runner side (`trident runner-init`), single-threaded, no async.
 //! - [`protocol`]: what the two say to each other over the runner's control socket.
 

@@ -1,5 +1,6 @@
 //! The `trident` binary: `serve` (the service), `bench` (a load client that prints a
-//! table), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that the native sandbox re-executes for each runner.
+//! table), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that
+//! the native sandbox re-executes for each runner.
 
 #![forbid(unsafe_code)]
 
