@@ -25,6 +25,7 @@ pub struct Server {
     keep_runners_on_exit: bool,
     /// Whether the last started process keeps its runners when it stops.
     started_keeping: bool,
+    prelude: Option<String>,
 }
 
 #[derive(Default)]
@@ -35,6 +36,9 @@ pub struct Options {
     /// Leave runners running on SIGTERM (the product's default); tests default to
     /// `--destroy-runners-on-exit` so that no runner outlives its test.
     pub keep_runners_on_exit: bool,
+    /// Shell commands the server's own process runs before it becomes trident (`exec`), e.g.
+    /// to join a cgroup as a service manager would put it there, or to enter namespaces.
+    pub prelude: Option<String>,
 }
 
 impl Server {
@@ -73,13 +77,25 @@ impl Server {
             config,
             keep_runners_on_exit: options.keep_runners_on_exit,
             started_keeping: false,
+            prelude: options.prelude,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trident"));
+        let mut cmd = match &self.prelude {
+            // The shell execs trident: the server keeps the shell's pid.
+            Some(prelude) => {
+                let mut cmd = Command::new("/bin/sh");
+                cmd.arg("-c")
+                    .arg(format!("{prelude}\nexec \"$@\""))
+                    .arg("sh")
+                    .arg(env!("CARGO_BIN_EXE_trident"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_trident")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
