@@ -143,6 +143,7 @@ impl Cgroups {
     /// will hold together.
     pub fn limit_subtree(&self, name: &str, pids: u64) -> io::Result<()> {
         if self.version == CgroupVersion::V2 {
+            self.leave_the_root()?;
             let mut ancestor = self.root.clone();
             enable_v2_controllers(&ancestor)?;
             for part in Path::new(name).components() {
@@ -159,6 +160,31 @@ impl Cgroups {
             "pids.max",
             &pids.to_string(),
         )
+    }
+
+    /// On v2 a cgroup that holds processes cannot enable controllers for its children ("no
+    /// internal processes"); only the hierarchy's real root is exempt. A server started at
+    /// the root of a cgroup namespace (a container's own cgroup, as Docker sets it up on a v2
+    /// host) would be such a process: it moves itself into a leaf, `trident-server`, first.
+    /// Anywhere else (the real root, or a cgroup of its own such as a systemd service's) the
+    /// server stays where it was put.
+    fn leave_the_root(&self) -> io::Result<()> {
+        // `cgroup.type` exists in every cgroup but the real root.
+        if !self.root.join("cgroup.type").exists() {
+            return Ok(());
+        }
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        if own.lines().find_map(|l| l.strip_prefix("0::")) != Some("/") {
+            return Ok(());
+        }
+        let leaf = self.root.join(SERVER_LEAF);
+        fs::create_dir_all(&leaf)?;
+        write(&leaf, "cgroup.procs", &std::process::id().to_string())?;
+        tracing::info!(
+            cgroup = SERVER_LEAF,
+            "moved the server into a leaf cgroup: the root of its cgroup namespace must hold no processes to give controllers to runners"
+        );
+        Ok(())
     }
 
     /// Moves a process (and its future children) into the cgroup.
@@ -375,6 +401,9 @@ fn v1_hierarchies() -> io::Result<Vec<(String, String)>> {
     Ok(found)
 }
 
+/// The leaf a server at the root of its cgroup namespace moves itself into (v2).
+const SERVER_LEAF: &str = "trident-server";
+
 const SWAP_FILES: [&str; 2] = ["memory.memsw.limit_in_bytes", "memory.swap.max"];
 
 /// The files that carry `limits`, per version: (controller, file, value), in write order.
@@ -432,7 +461,19 @@ fn enable_v2_controllers(dir: &Path) -> io::Result<()> {
             )));
         }
         if !enabled.split_whitespace().any(|a| a == c) {
-            write(dir, "cgroup.subtree_control", &format!("+{c}"))?;
+            write(dir, "cgroup.subtree_control", &format!("+{c}")).map_err(|e| {
+                let held = read_pids(dir);
+                if e.raw_os_error() != Some(libc::EBUSY) || held.is_empty() {
+                    return e;
+                }
+                io::Error::other(format!(
+                    "{e}: {} holds processes ({held:?}), and a cgroup v2 cgroup with processes \
+                     cannot give controllers to its children (\"no internal processes\"); \
+                     start trident in a cgroup of its own (systemd: a service with \
+                     Delegate=yes) or move those processes into a leaf cgroup",
+                    dir.display()
+                ))
+            })?;
         }
     }
     Ok(())
