@@ -567,3 +567,45 @@ async fn a_server_at_the_root_of_its_cgroup_namespace_moves_itself_to_a_leaf() {
     assert!(!parent.exists(), "{} is left", parent.display());
     assert_eq!(server.runner_init_processes(), 0);
 }
+
+/// Runtimes size themselves by the runner, read from its cgroup v2 view: the JVM (the host's
+/// OpenJDK, visible to `host` runners) finds cgroup v2, the memory limit and the CPU quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jvm_reads_the_runners_limits_from_its_cgroup_v2_view() {
+    if !on_v2("the_jvm_reads_the_runners_limits_from_its_cgroup_v2_view") {
+        return;
+    }
+    if !Path::new("/usr/bin/java").exists() {
+        assert!(
+            std::env::var_os("TRIDENT_REQUIRE_CGROUP_V2").is_none(),
+            "no /usr/bin/java (openjdk-17-jre-headless), which this test needs"
+        );
+        eprintln!("skipped: no /usr/bin/java");
+        return;
+    }
+    let server = Server::start();
+    // cpuLimit 20 MHz: the floor of a quarter core.
+    server.put_environment(1, 1, 256).await;
+    let runner = server.claim(1, 0).await;
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "java -XX:+PrintFlagsFinal -XshowSettings:system -version 2>&1 | grep -E \"MaxHeapSize|Provider|Memory Limit|CPU Quota\"", "timeLimit": 110}),
+        )
+        .await;
+    run.assert_well_formed();
+    let out = run.stdout();
+    assert!(out.contains("Provider: cgroupv2"), "{run:?}");
+    assert!(out.contains("Memory Limit: 256.00M"), "{run:?}");
+    assert!(out.contains("CPU Quota: 25000us"), "{run:?}");
+    let heap: u64 = out
+        .split_whitespace()
+        .skip_while(|w| *w != "MaxHeapSize")
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MaxHeapSize: {run:?}"));
+    assert!(
+        heap <= 256 << 20,
+        "the JVM sized its heap from the host: {heap}"
+    );
+}
