@@ -74,6 +74,17 @@ impl Cgroups {
             }
             return Ok(at(CgroupVersion::V1));
         }
+        // systemd's hybrid layout on a kernel without memory on v1 (CONFIG_MEMCG_V1 off, as
+        // in Debian's 6.12): the memory controller sits on the cgroup2 `unified` mount, split
+        // from cpu and pids. trident drives all its controllers on one version.
+        if root.join("unified").join("cgroup.controllers").exists() {
+            return Err(io::Error::other(format!(
+                "a hybrid cgroup host without the memory controller on v1 under {} (kernels \
+                 built without CONFIG_MEMCG_V1 keep it on cgroup2): boot the host with pure \
+                 cgroup v2 (systemd.unified_cgroup_hierarchy=1)",
+                root.display()
+            )));
+        }
         Err(io::Error::other(format!(
             "no usable cgroup hierarchy under {}",
             root.display()
@@ -551,6 +562,15 @@ mod tests {
         let err = Cgroups::detect_at(hybrid.path()).unwrap_err();
         assert!(err.to_string().contains("freezer"), "{err}");
         assert!(Cgroups::detect_at(tempfile::tempdir().unwrap().path()).is_err());
+
+        // Hybrid, but memory is on cgroup2 (a kernel without memory on v1).
+        fs::remove_dir_all(hybrid.path().join("memory")).unwrap();
+        let err = Cgroups::detect_at(hybrid.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("systemd.unified_cgroup_hierarchy=1"),
+            "{err}"
+        );
     }
 
     #[test]
