@@ -472,13 +472,18 @@ fn enable_v2_controllers(dir: &Path) -> io::Result<()> {
             )));
         }
         if !enabled.split_whitespace().any(|a| a == c) {
-            write(dir, "cgroup.subtree_control", &format!("+{c}")).map_err(|e| {
+            let value = format!("+{c}");
+            fs::write(dir.join("cgroup.subtree_control"), &value).map_err(|e| {
                 let held = read_pids(dir);
+                let what = format!(
+                    "writing {value} to {}: {e}",
+                    dir.join("cgroup.subtree_control").display()
+                );
                 if e.raw_os_error() != Some(libc::EBUSY) || held.is_empty() {
-                    return e;
+                    return io::Error::new(e.kind(), what);
                 }
                 io::Error::other(format!(
-                    "{e}: {} holds processes ({held:?}), and a cgroup v2 cgroup with processes \
+                    "{what}: {} holds processes ({held:?}), and a cgroup v2 cgroup with processes \
                      cannot give controllers to its children (\"no internal processes\"); \
                      start trident in a cgroup of its own (systemd: a service with \
                      Delegate=yes) or move those processes into a leaf cgroup",

@@ -609,3 +609,46 @@ async fn the_jvm_reads_the_runners_limits_from_its_cgroup_v2_view() {
         "the JVM sized its heap from the host: {heap}"
     );
 }
+
+/// Beside other processes at the root of its cgroup namespace (an init such as `tini` in a
+/// container), the server cannot give runners controllers: it refuses to start, naming them
+/// and saying what to do, instead of failing on a bare EBUSY.
+#[test]
+fn a_server_beside_other_processes_at_a_namespace_root_says_what_to_do() {
+    if !on_v2("a_server_beside_other_processes_at_a_namespace_root_says_what_to_do") {
+        return;
+    }
+    let container = TestCgroup::new("trident-test-crowded");
+    let data = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs\n\
+         sleep 8034 > /dev/null 2>&1 &\n\
+         echo \"neighbour $!\" >&2\n\
+         exec unshare --cgroup --mount --propagation private sh -c \
+         'umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"' \
+         sh \"$0\" serve --listen 127.0.0.1:0 --data-dir \"$1\" --destroy-runners-on-exit",
+        container.0.display()
+    );
+    let output = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_trident"))
+        .arg(data.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "trident started: {stderr}");
+    let neighbour = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("neighbour "))
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .trim()
+        .to_string();
+    assert!(
+        stderr.contains("no internal processes") && stderr.contains(&neighbour),
+        "{stderr}"
+    );
+    assert!(stderr.contains("leaf cgroup"), "{stderr}");
+}
