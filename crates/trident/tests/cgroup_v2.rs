@@ -334,7 +334,7 @@ async fn a_fork_bomb_stops_at_pids_max_and_destroy_kills_it_all() {
     .await;
     let current: u64 = read(&dir, "pids.current").parse().unwrap();
     assert!(current <= 64, "pids.current {current} above pids.max");
-    assert!(current > 32, "the bomb spread to only {current} processes");
+    assert!(current > 16, "the bomb spread to only {current} processes");
 
     // Destroyed mid-bomb: every process dies and the cgroup goes.
     let bombers = procs(&dir);
