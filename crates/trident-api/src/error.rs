@@ -43,7 +43,7 @@ impl From<Error> for ApiError {
             Error::FileUnavailable(_) => (StatusCode::FAILED_DEPENDENCY, None),
             // As the reference's failed `tar` run.
             Error::FileCopyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, Some("UNKNOWN")),
-            Error::Internal(_) | Error::Store(_) => (
+            Error::Internal(_) | Error::Store(_) | Error::EnvironmentUnavailable(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Some("NOMAD_INTERNAL_SERVER_ERROR"),
             ),

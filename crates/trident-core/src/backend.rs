@@ -29,6 +29,17 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// Whether runners of an environment can be made now: an engine may first have to get what
+/// they need (an image to pull). The core makes no runner before `Ready`, lets claims wait
+/// while `Preparing`, and answers claims at once with the reason while `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Preparing,
+    /// Why runners cannot be had; the engine keeps retrying on its own (with backoff).
+    Failed(String),
+}
+
 /// What the engine needs to know to make one runner.
 #[derive(Debug, Clone)]
 pub struct RunnerSpec {
@@ -100,6 +111,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Checks that runners can be made for this environment (e.g. that its image is known),
     /// with a message a client can act on.
     fn validate(&self, environment: &ExecutionEnvironment) -> std::result::Result<(), String>;
+
+    /// Starts getting what runners of this environment need (e.g. pulls its image in the
+    /// background), retrying at once what failed before. Never waits. Called when a client
+    /// creates or replaces the environment.
+    fn prepare(&self, _environment: &ExecutionEnvironment) {}
+
+    /// Whether runners of this environment can be made now. Cheap: the core asks it
+    /// whenever it would make a runner, and every few hundred ms while not `Ready`. An
+    /// engine that must first prepare starts doing so when first asked.
+    fn readiness(&self, _environment: &ExecutionEnvironment) -> Readiness {
+        Readiness::Ready
+    }
 
     /// Makes a ready runner: its processes are started and it accepts work.
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>>;

@@ -30,6 +30,10 @@ pub enum Error {
     /// What the API acknowledges could not be stored; nothing changed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Runners of the environment cannot be had, and the message says why (e.g. its image
+    /// could not be pulled); HTTP 500, answered at once rather than after `claim_wait`.
+    #[error("{0}")]
+    EnvironmentUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }

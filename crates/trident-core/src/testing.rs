@@ -80,6 +80,11 @@ pub struct RecordingBackend {
     pub known_images: Vec<String>,
     /// File changes (`patch_files` calls) that reached a runner.
     pub patches: Arc<AtomicU64>,
+    /// What `readiness` answers for every environment (`None`: ready), as an engine
+    /// pulling an image would.
+    pub readiness: Mutex<Option<crate::backend::Readiness>>,
+    /// `prepare` calls.
+    pub prepared: AtomicU64,
 }
 
 impl RecordingBackend {
@@ -118,7 +123,24 @@ impl Backend for RecordingBackend {
         ))
     }
 
+    fn prepare(&self, _environment: &ExecutionEnvironment) {
+        self.prepared.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn readiness(&self, _environment: &ExecutionEnvironment) -> crate::backend::Readiness {
+        self.readiness
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(crate::backend::Readiness::Ready)
+    }
+
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
+        assert_eq!(
+            self.readiness(&spec.environment),
+            crate::backend::Readiness::Ready,
+            "a runner was made before the engine was ready"
+        );
         tokio::time::sleep(self.delay()).await;
         self.attempts.fetch_add(1, Ordering::Relaxed);
         if self.fail_creations.load(Ordering::Relaxed) {

@@ -41,7 +41,12 @@ impl Manager {
                     registered = Some(pool.incarnation);
                     inner.reconcile(&mut state, env_id);
                 }
-                let pool = state.pools.get(&env_id).expect("present");
+                let pool = state.pools.get_mut(&env_id).expect("present");
+                if let Some(why) = pool.unavailable.clone() {
+                    break Err(Error::EnvironmentUnavailable(format!(
+                        "no runner of execution environment {env_id} can be had: {why}"
+                    )));
+                }
                 pool.available.clone().notified_owned()
             };
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

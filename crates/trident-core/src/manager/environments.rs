@@ -29,6 +29,7 @@ impl Manager {
         // Persist under the lock so concurrent PUTs of one id store in the order they apply.
         inner.store.save_environment(&env).map_err(Error::Store)?;
         let id = env.id;
+        let env_for_engine = env.clone();
         let created = match state.pools.get_mut(&id) {
             Some(pool) => {
                 if !pool.env.same_runner_shape(&env) {
@@ -48,6 +49,10 @@ impl Manager {
                 true
             }
         };
+        // Outside the lock (it may spawn work); a failed image is pulled again at once.
+        drop(state);
+        inner.backend.prepare(&env_for_engine);
+        let mut state = lock(inner);
         inner.reconcile(&mut state, id);
         Ok(created)
     }

@@ -11,6 +11,10 @@ impl Manager {
         let inner = &self.inner;
         let envs = inner.store.load_environments().map_err(Error::Store)?;
         let records = inner.store.load_runners().map_err(Error::Store)?;
+        // Images being pulled when the server stopped are pulled on (resumed).
+        for env in &envs {
+            inner.backend.prepare(env);
+        }
         let mut adopted = Vec::new();
         let mut report = RestoreReport {
             environments: envs.len(),

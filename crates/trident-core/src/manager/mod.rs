@@ -5,12 +5,15 @@
 //! - `Pool::creating` counts runner creations in flight; the pool is refilled until
 //!   `idle + creating == prewarmingPoolSize + waiting claims`.
 //! - Runners made for an older shape of the environment (`generation`) are never handed out.
-//! - The lock is never held across an await; the backend is always called without it.
+//! - The lock is never held across an await; the backend is always called without it,
+//!   except for its cheap, non-blocking `readiness`.
+//! - No runner is made while the engine is not `Ready` for the environment (its image is
+//!   still being pulled, or could not be).
 //!
 //! By operation: `lifecycle.rs` (restore after a restart, destroy everything on the way
 //! out), `environments.rs`, `claims.rs` (claiming and deleting runners), `runner_ops.rs`
 //! (files and executions of a claimed runner), `pool.rs` (filling pools: creations,
-//! generations, backoff), `runner.rs` (a runner, its activity and inactivity timer).
+//! generations, backoff, waiting for the engine's readiness), `runner.rs` (a runner, its activity and inactivity timer).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Backend, ExecSpec, FileDownload, RunnerSpec, Sandbox};
+use crate::backend::{Backend, ExecSpec, FileDownload, Readiness, RunnerSpec, Sandbox};
 use crate::error::{Error, Result};
 use crate::execution::{self, RunnerEnd, RunningExecution};
 
@@ -111,6 +114,11 @@ struct Pool {
     retry_at: Option<Instant>,
     consecutive_failures: u32,
     available: Arc<Notify>,
+    /// Why the engine cannot make runners of this environment now (its last
+    /// [`Readiness::Failed`]); claims on an empty pool answer with it at once.
+    unavailable: Option<String>,
+    /// A task is polling the engine's readiness for this pool.
+    watching_readiness: bool,
 }
 
 fn lock(inner: &Inner) -> MutexGuard<'_, State> {

@@ -19,6 +19,8 @@ impl Pool {
             retry_at: None,
             consecutive_failures: 0,
             available: Arc::new(Notify::new()),
+            unavailable: None,
+            watching_readiness: false,
         }
     }
 }
@@ -53,6 +55,9 @@ impl Inner {
         if pool.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
+        if pool.idle.len() + (pool.creating as usize) < want && !self.is_ready(pool) {
+            return;
+        }
         while pool.idle.len() + (pool.creating as usize) < want {
             pool.creating += 1;
             let creation = Creation {
@@ -63,6 +68,32 @@ impl Inner {
             self.background
                 .spawn(self.clone().create_runner(env, creation));
         }
+    }
+
+    /// Asks the engine whether runners of the pool can be made; when not, remembers why
+    /// (waking claims that should hear it) and watches until that changes.
+    fn is_ready(self: &Arc<Self>, pool: &mut Pool) -> bool {
+        let unavailable = match self.backend.readiness(&pool.env) {
+            Readiness::Ready => {
+                pool.unavailable = None;
+                return true;
+            }
+            Readiness::Preparing => None,
+            Readiness::Failed(why) => Some(why),
+        };
+        if unavailable.is_some() && pool.unavailable != unavailable {
+            pool.available.notify_waiters();
+        }
+        pool.unavailable = unavailable;
+        if !pool.watching_readiness {
+            pool.watching_readiness = true;
+            self.background.spawn(watch_readiness(
+                Arc::downgrade(self),
+                pool.env.id,
+                pool.incarnation,
+            ));
+        }
+        false
     }
 
     pub(super) async fn create_runner(
@@ -162,5 +193,44 @@ impl Inner {
 
     pub(super) async fn destroy(&self, runner: Arc<Runner>, why: RunnerEnd) {
         destroy(self.store.clone(), runner, why).await;
+    }
+}
+
+/// How often a pool that waits for its engine asks again. Readiness is a cheap lookup
+/// (an image's state), so polling costs nothing worth a notification channel per engine.
+const READINESS_POLL: Duration = Duration::from_millis(200);
+
+/// Polls the engine's readiness for a pool until it is ready (then fills the pool) or the
+/// pool is gone or wants nothing.
+async fn watch_readiness(inner: std::sync::Weak<Inner>, env_id: EnvironmentId, incarnation: u64) {
+    loop {
+        tokio::time::sleep(READINESS_POLL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut state = lock(&inner);
+        if state.closing {
+            return;
+        }
+        let Some(pool) = state
+            .pools
+            .get_mut(&env_id)
+            .filter(|p| p.incarnation == incarnation)
+        else {
+            return;
+        };
+        let want = pool.env.prewarming_pool_size as usize + pool.waiting as usize;
+        let ready = matches!(inner.backend.readiness(&pool.env), Readiness::Ready);
+        if ready || want == 0 {
+            pool.watching_readiness = false;
+            if ready {
+                pool.unavailable = None;
+            }
+            inner.reconcile(&mut state, env_id);
+            return;
+        }
+        // Still waiting: let `is_ready` record a new failure reason.
+        pool.watching_readiness = true;
+        let _ = inner.is_ready(pool);
     }
 }

@@ -1,6 +1,7 @@
 //! The Manager's rules over an in-memory store and a backend whose runners are records.
 use super::*;
 use crate::testing::{MemoryStore, RecordingBackend};
+use std::sync::atomic::Ordering;
 
 fn environment(id: EnvironmentId, pool: u32, memory_mb: u32) -> ExecutionEnvironment {
     ExecutionEnvironment {
@@ -251,4 +252,60 @@ async fn a_restart_keeps_used_runners_and_idle_ones_of_the_current_shape_only() 
         backend.live.lock().unwrap().len(),
         "records match runners"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_fill_only_once_the_engine_is_ready_and_claims_hear_why_it_is_not() {
+    use crate::backend::Readiness;
+    let backend = Arc::new(RecordingBackend::with_seed(11));
+    *backend.readiness.lock().unwrap() = Some(Readiness::Preparing);
+    let manager = Manager::new(
+        backend.clone(),
+        Arc::new(MemoryStore::default()),
+        ManagerConfig {
+            claim_wait: Duration::from_secs(5),
+            ..ManagerConfig::default()
+        },
+    );
+    manager.put_environment(environment(1, 2, 64)).unwrap();
+    assert_eq!(backend.prepared.load(Ordering::Relaxed), 1, "PUT prepares");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backend.attempts.load(Ordering::Relaxed), 0, "nothing made yet");
+
+    // A claim while preparing waits; the image becoming ready serves it.
+    let claim = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.claim_runner(1, Duration::ZERO).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!claim.is_finished(), "the claim waits while the image is pulled");
+    *backend.readiness.lock().unwrap() = None;
+    let runner = claim.await.unwrap().expect("served once ready");
+    settled(&manager, &backend).await.unwrap();
+
+    // A failure is answered at once, with the reason, by claims on an empty pool.
+    manager.delete_runner(&runner.id).await.unwrap();
+    manager.put_environment(environment(2, 0, 64)).unwrap();
+    *backend.readiness.lock().unwrap() = Some(Readiness::Failed("image nope: not found".into()));
+    let started = Instant::now();
+    let Err(err) = manager.claim_runner(2, Duration::ZERO).await else {
+        panic!("a claim on an environment whose image failed was served");
+    };
+    assert!(matches!(err, Error::EnvironmentUnavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("image nope: not found"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(4), "not after claim_wait");
+    // Environment 1's idle runners are still handed out: they exist.
+    assert!(manager.claim_runner(1, Duration::ZERO).await.is_ok());
+
+    // Ready again (a retry succeeded): claims wait and are served as usual.
+    *backend.readiness.lock().unwrap() = Some(Readiness::Preparing);
+    manager.put_environment(environment(2, 0, 64)).unwrap();
+    assert_eq!(backend.prepared.load(Ordering::Relaxed), 3, "a re-PUT prepares again");
+    let claim = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.claim_runner(2, Duration::ZERO).await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    *backend.readiness.lock().unwrap() = None;
+    assert!(claim.await.unwrap().is_ok());
 }
