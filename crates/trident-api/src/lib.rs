@@ -9,6 +9,7 @@ mod environments;
 mod error;
 mod extract;
 mod files;
+mod images;
 mod misc;
 mod runners;
 mod websocket;
@@ -21,6 +22,7 @@ use axum::Router;
 use trident_core::Manager;
 
 pub use error::ApiError;
+pub use images::{ImageOpError, ImageService, ImageView};
 pub use websocket::Sessions;
 
 #[derive(Clone)]
@@ -32,6 +34,8 @@ pub struct ApiConfig {
     pub version: String,
     /// The WebSocket sessions of running executions, for a graceful shutdown.
     pub sessions: Sessions,
+    /// The server's images, for `/api/v1/images` (none: those routes answer 501).
+    pub images: Option<Arc<dyn ImageService>>,
 }
 
 impl Default for ApiConfig {
@@ -42,6 +46,7 @@ impl Default for ApiConfig {
             max_body_bytes: 64 * 1024 * 1024,
             version: env!("CARGO_PKG_VERSION").to_string(),
             sessions: Sessions::default(),
+            images: None,
         }
     }
 }
@@ -75,6 +80,8 @@ pub fn router(manager: Manager, config: ApiConfig) -> Router {
         )
         .route("/runners/{runner_id}/files/raw", get(files::download))
         .route("/execution-environments", get(environments::list))
+        .route("/images", get(images::list).post(images::pull))
+        .route("/images/{*name}", axum::routing::delete(images::remove))
         .route(
             "/execution-environments/{environment_id}",
             get(environments::get)

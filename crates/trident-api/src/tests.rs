@@ -50,7 +50,16 @@ impl Answer {
 
 impl Api {
     fn new(token: Option<&'static str>, max_body_bytes: usize) -> Api {
-        let backend = Arc::new(RecordingBackend::with_seed(7).with_images(&["host"]));
+        Api::with_images(token, max_body_bytes, None)
+    }
+
+    fn with_images(
+        token: Option<&'static str>,
+        max_body_bytes: usize,
+        images: Option<Arc<dyn crate::ImageService>>,
+    ) -> Api {
+        let backend =
+            Arc::new(RecordingBackend::with_seed(7).with_images(&["host", "docker.io/org/py:3"]));
         let manager = Manager::new(
             backend.clone(),
             Arc::new(MemoryStore::default()),
@@ -59,6 +68,7 @@ impl Api {
         let config = ApiConfig {
             token: token.map(String::from),
             max_body_bytes,
+            images,
             ..ApiConfig::default()
         };
         Api {
@@ -412,4 +422,119 @@ async fn the_token_guards_every_route_but_health_and_version() {
         .await
         .json();
     assert_eq!(stats[ENV.to_string()]["usedRunners"], 1, "{stats}");
+}
+
+/// An image service that keeps names in a list: what the router does with its answers.
+#[derive(Default)]
+struct ListedImages(std::sync::Mutex<Vec<crate::ImageView>>);
+
+impl crate::ImageService for ListedImages {
+    fn list(&self) -> Vec<crate::ImageView> {
+        self.0.lock().unwrap().clone()
+    }
+    fn pull(&self, name: &str) -> Result<crate::ImageView, crate::ImageOpError> {
+        if name.contains(' ') {
+            return Err(crate::ImageOpError::Invalid(format!(
+                "invalid reference {name:?}"
+            )));
+        }
+        let view = crate::ImageView {
+            name: name.to_string(),
+            digest: None,
+            size: 0,
+            layers: 0,
+            state: "pulling".into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            error: None,
+        };
+        self.0.lock().unwrap().push(view.clone());
+        Ok(view)
+    }
+    fn remove(&self, name: &str, in_use: &[String]) -> Result<(), crate::ImageOpError> {
+        if in_use.iter().any(|i| i == name) {
+            return Err(crate::ImageOpError::InUse(format!("{name} is in use")));
+        }
+        let mut images = self.0.lock().unwrap();
+        let before = images.len();
+        images.retain(|i| i.name != name);
+        if images.len() == before {
+            return Err(crate::ImageOpError::NotFound(format!("no image {name}")));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn images_routes_pull_list_and_remove_behind_the_token() {
+    let api = Api::with_images(
+        Some("secret"),
+        1 << 20,
+        Some(Arc::new(ListedImages::default())),
+    );
+    let denied = api.call_as(Some(None), Method::GET, "/images", "").await;
+    assert_eq!(denied.status, 401, "{}", denied.text);
+
+    let pulled = api
+        .call(
+            Method::POST,
+            "/images",
+            json!({"name": "docker.io/org/py:3"}).to_string(),
+        )
+        .await;
+    assert_eq!(pulled.status, 202, "{}", pulled.text);
+    assert_eq!(pulled.json()["state"], "pulling");
+    assert!(pulled.json().get("bytesDone").is_some(), "{}", pulled.text);
+    for body in [json!({"name": "not valid"}), json!({}), json!({"name": 3})] {
+        let bad = api.call(Method::POST, "/images", body.to_string()).await;
+        assert_eq!(bad.status, 400, "{body}: {}", bad.text);
+        bad.message();
+    }
+    let listed = api.call(Method::GET, "/images", "").await.json();
+    assert_eq!(
+        listed["images"][0]["name"], "docker.io/org/py:3",
+        "{listed}"
+    );
+    assert_eq!(listed["images"].as_array().unwrap().len(), 1, "{listed}");
+
+    // An environment using the image holds it.
+    let env = json!({"id": ENV, "image": "docker.io/org/py:3", "prewarmingPoolSize": 0,
+        "cpuLimit": 20, "memoryLimit": 64, "networkAccess": false, "exposedPorts": []});
+    let put = api
+        .call(
+            Method::PUT,
+            &format!("/execution-environments/{ENV}"),
+            env.to_string(),
+        )
+        .await;
+    assert_eq!(put.status, 201, "{}", put.text);
+    let held = api
+        .call(Method::DELETE, "/images/docker.io/org/py:3", "")
+        .await;
+    assert_eq!(held.status, 409, "{}", held.text);
+    held.message();
+    let deleted = api
+        .call(
+            Method::DELETE,
+            &format!("/execution-environments/{ENV}"),
+            "",
+        )
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    let removed = api
+        .call(Method::DELETE, "/images/docker.io/org/py:3", "")
+        .await;
+    assert_eq!(removed.status, 204, "{}", removed.text);
+    let again = api
+        .call(Method::DELETE, "/images/docker.io/org/py:3", "")
+        .await;
+    assert_eq!(again.status, 404, "{}", again.text);
+    assert_eq!(
+        api.call(Method::GET, "/images", "").await.json()["images"],
+        json!([])
+    );
+
+    // Without an image store the routes say so.
+    let plain = Api::new(None, 1 << 20);
+    assert_eq!(plain.call(Method::GET, "/images", "").await.status, 501);
 }

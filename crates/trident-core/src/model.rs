@@ -4,6 +4,10 @@ use serde::{Deserialize, Serialize};
 
 pub type EnvironmentId = u64;
 
+/// The environment id of one-off runners (a CI job naming only an image): reserved, so no
+/// client can create an environment with it.
+pub const ONE_OFF_ENVIRONMENT: EnvironmentId = u64::MAX;
+
 /// The largest duration in seconds a client may ask for (inactivity timeouts, time limits,
 /// job timeouts): Go's MaxInt32, about 68 years. Anything above is refused with a 400, so that
 /// no deadline computed from a client's number can overflow.

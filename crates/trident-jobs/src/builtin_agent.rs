@@ -154,23 +154,6 @@ impl BuiltinAgent {
 
     async fn run_steps(&self, job: &Job, token: &str, size: &mut u64) -> Outcome {
         let spec = &job.spec;
-        let env_id = match spec.execution_environment_id {
-            Some(id) => id,
-            None => match self
-                .manager
-                .environments()
-                .into_iter()
-                .find(|e| Some(&e.image) == spec.image.as_ref())
-            {
-                Some(env) => env.id,
-                None => {
-                    return Outcome::SystemFailure(format!(
-                        "no execution environment runs image {:?}: create one, or give executionEnvironmentId",
-                        spec.image.as_deref().unwrap_or("")
-                    ))
-                }
-            },
-        };
         // The inactivity timeout only matters if the server dies mid-job: the runner it
         // adopts afterwards then goes away on its own.
         let idle = Duration::from_secs(
@@ -178,7 +161,36 @@ impl BuiltinAgent {
                 .saturating_add(AFTER_SCRIPT_TIMEOUT + 60)
                 .min(trident_core::model::MAX_DURATION_SECONDS),
         );
-        let runner = match self.manager.claim_runner(env_id, idle).await {
+        let pooled = match spec.execution_environment_id {
+            Some(id) => Some(id),
+            None => self
+                .manager
+                .environments()
+                .into_iter()
+                .find(|e| Some(&e.image) == spec.image.as_ref())
+                .map(|env| env.id),
+        };
+        let claimed = match (pooled, spec.image.as_deref()) {
+            (Some(env_id), _) => self.manager.claim_runner(env_id, idle).await,
+            // A job naming only an image gets a fresh runner of it, as GitLab's runners
+            // start a container per job; pulling the image counts against the job's time.
+            (None, Some(image)) => {
+                self.trace(
+                    job,
+                    token,
+                    size,
+                    &format!("Preparing a runner of image {image}\n"),
+                );
+                let wait = Duration::from_secs(job.timeout());
+                self.manager.create_one_off_runner(image, idle, wait).await
+            }
+            (None, None) => {
+                return Outcome::SystemFailure(
+                    "the job names neither an image nor executionEnvironmentId".into(),
+                )
+            }
+        };
+        let runner = match claimed {
             Ok(runner) => runner,
             Err(e) => return Outcome::SystemFailure(format!("no runner: {e}")),
         };

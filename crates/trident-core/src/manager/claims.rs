@@ -64,6 +64,71 @@ impl Manager {
             }
         }
         let runner = result?;
+        self.hand_out(runner, inactivity_timeout)
+    }
+
+    /// A fresh runner of `image` with the server's default limits and no network, made for
+    /// one job rather than taken from a pool (as GitLab's runners start a container per
+    /// job). Waits up to `wait` while the engine prepares the image (pulls it).
+    pub async fn create_one_off_runner(
+        &self,
+        image: &str,
+        inactivity_timeout: Duration,
+        wait: Duration,
+    ) -> Result<Arc<Runner>> {
+        check_duration("inactivityTimeout", inactivity_timeout.as_secs())?;
+        let inner = &self.inner;
+        let env = ExecutionEnvironment {
+            id: ONE_OFF_ENVIRONMENT,
+            image: image.to_string(),
+            prewarming_pool_size: 0,
+            cpu_limit: 0,
+            memory_limit: 0,
+            network_access: false,
+            exposed_ports: Vec::new(),
+        };
+        inner.backend.validate(&env).map_err(Error::BadRequest)?;
+        inner.backend.prepare(&env);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match inner.backend.readiness(&env) {
+                Readiness::Ready => break,
+                Readiness::Failed(why) => {
+                    return Err(Error::EnvironmentUnavailable(format!(
+                        "no runner of image {image} can be had: {why}"
+                    )))
+                }
+                Readiness::Preparing if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Overloaded(format!(
+                        "image {image} was not ready within {wait:?}"
+                    )))
+                }
+                Readiness::Preparing => tokio::time::sleep(pool::READINESS_POLL).await,
+            }
+        }
+        let runner_id = format!("job-{}", uuid::Uuid::new_v4());
+        let sandbox = {
+            let _permit = inner.creation_slots.acquire().await;
+            if lock(inner).closing {
+                return Err(Error::Internal("the server is shutting down".into()));
+            }
+            inner
+                .backend
+                .create_runner(RunnerSpec {
+                    runner_id: runner_id.clone(),
+                    environment: env.clone(),
+                })
+                .await?
+        };
+        let runner = Arc::new(Runner::new(runner_id, env, 0, sandbox, None));
+        lock(inner).used.insert(runner.id.clone(), runner.clone());
+        self.hand_out(runner, inactivity_timeout)
+    }
+
+    /// Gives a runner just moved to `used` to a client: starts its inactivity clock and
+    /// records it as used before the client hears of it.
+    fn hand_out(&self, runner: Arc<Runner>, inactivity_timeout: Duration) -> Result<Arc<Runner>> {
+        let inner = &self.inner;
         {
             let mut activity = runner.activity();
             activity.last = Instant::now();

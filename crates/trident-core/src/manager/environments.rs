@@ -58,6 +58,11 @@ impl Manager {
     }
 
     fn validate_environment(&self, env: &ExecutionEnvironment) -> Result<()> {
+        if env.id == ONE_OFF_ENVIRONMENT {
+            return Err(Error::BadRequest(format!(
+                "execution environment id {ONE_OFF_ENVIRONMENT} is reserved for one-off runners"
+            )));
+        }
         if env.image.trim().is_empty() {
             return Err(Error::BadRequest("image must not be empty".into()));
         }

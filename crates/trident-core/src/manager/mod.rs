@@ -37,7 +37,7 @@ mod tests;
 
 use crate::model::{
     EnvironmentId, EnvironmentStatistics, ExecutionEnvironment, ExecutionRequest, FileCopy,
-    FileHeader, MappedPort, MAX_DURATION_SECONDS,
+    FileHeader, MappedPort, MAX_DURATION_SECONDS, ONE_OFF_ENVIRONMENT,
 };
 use crate::store::{RunnerRecord, Store};
 pub use runner::Runner;

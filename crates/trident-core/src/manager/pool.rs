@@ -198,7 +198,7 @@ impl Inner {
 
 /// How often a pool that waits for its engine asks again. Readiness is a cheap lookup
 /// (an image's state), so polling costs nothing worth a notification channel per engine.
-const READINESS_POLL: Duration = Duration::from_millis(200);
+pub(super) const READINESS_POLL: Duration = Duration::from_millis(200);
 
 /// Polls the engine's readiness for a pool until it is ready (then fills the pool) or the
 /// pool is gone or wants nothing.

@@ -270,7 +270,11 @@ async fn pools_fill_only_once_the_engine_is_ready_and_claims_hear_why_it_is_not(
     manager.put_environment(environment(1, 2, 64)).unwrap();
     assert_eq!(backend.prepared.load(Ordering::Relaxed), 1, "PUT prepares");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(backend.attempts.load(Ordering::Relaxed), 0, "nothing made yet");
+    assert_eq!(
+        backend.attempts.load(Ordering::Relaxed),
+        0,
+        "nothing made yet"
+    );
 
     // A claim while preparing waits; the image becoming ready serves it.
     let claim = {
@@ -278,7 +282,10 @@ async fn pools_fill_only_once_the_engine_is_ready_and_claims_hear_why_it_is_not(
         tokio::spawn(async move { manager.claim_runner(1, Duration::ZERO).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!claim.is_finished(), "the claim waits while the image is pulled");
+    assert!(
+        !claim.is_finished(),
+        "the claim waits while the image is pulled"
+    );
     *backend.readiness.lock().unwrap() = None;
     let runner = claim.await.unwrap().expect("served once ready");
     settled(&manager, &backend).await.unwrap();
@@ -293,14 +300,21 @@ async fn pools_fill_only_once_the_engine_is_ready_and_claims_hear_why_it_is_not(
     };
     assert!(matches!(err, Error::EnvironmentUnavailable(_)), "{err:?}");
     assert!(err.to_string().contains("image nope: not found"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(4), "not after claim_wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "not after claim_wait"
+    );
     // Environment 1's idle runners are still handed out: they exist.
     assert!(manager.claim_runner(1, Duration::ZERO).await.is_ok());
 
     // Ready again (a retry succeeded): claims wait and are served as usual.
     *backend.readiness.lock().unwrap() = Some(Readiness::Preparing);
     manager.put_environment(environment(2, 0, 64)).unwrap();
-    assert_eq!(backend.prepared.load(Ordering::Relaxed), 3, "a re-PUT prepares again");
+    assert_eq!(
+        backend.prepared.load(Ordering::Relaxed),
+        3,
+        "a re-PUT prepares again"
+    );
     let claim = {
         let manager = manager.clone();
         tokio::spawn(async move { manager.claim_runner(2, Duration::ZERO).await })
