@@ -1,2 +1,986 @@
 //! Unpacking one layer (a tar stream, possibly gzip or zstd compressed) into its own
 //! directory, confined to it, with OCI whiteouts turned into overlayfs ones.
+//!
+//! # Confinement model
+//!
+//! A layer is a stranger's archive and we run as root on the host, so no entry may reach
+//! anything outside `dest`. We never build a host path from an entry name. Instead:
+//!
+//! - `dest` is opened once as a directory fd (the *layer root*). Every entry name is
+//!   normalised lexically first (leading `/` and `./` stripped, `.` dropped, `..` popped but
+//!   never above the root), exactly as containerd scopes `filepath.Join("/", name)`.
+//! - The entry's parent directory is opened with `openat2(root, parent,
+//!   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`: the kernel resolves symlinks met on the way
+//!   (including ones the layer itself created, absolute or full of `..`) as if the layer root
+//!   were `/`, so they can only land inside the layer. Missing parents are created one
+//!   component at a time with `mkdirat` on an fd obtained that way.
+//! - The final component is a single name (no `/`) acted on relative to that parent fd, and
+//!   is never followed: files are created with `O_CREAT | O_EXCL | O_NOFOLLOW` after removing
+//!   whatever was there (later entries replace earlier ones, as in tar and OCI), ownership and
+//!   times of symlinks are set with `AT_SYMLINK_NOFOLLOW`.
+//! - Hard links resolve their target the same way (`RESOLVE_IN_ROOT`) and are made with
+//!   `linkat` from the target's fd, so a target such as `../../etc/passwd` or `/etc/passwd`
+//!   means `<layer>/etc/passwd`; a target that does not exist in this layer, or is not a
+//!   regular file, is refused.
+//!
+//! Only `dest` itself is a host path. Nothing is written outside it even when unpacking fails
+//! half way; the caller removes `dest` on error.
+//!
+//! # Resource limits
+//!
+//! [`UnpackLimits`] bounds the content bytes (checked against each entry's size before any
+//! byte is written, so a compressed bomb stops at the quota without inflating further) and the
+//! number of entries. Metadata (headers, PAX records, GNU long names, which the tar crate
+//! buffers in memory) is bounded per entry by [`MAX_ENTRY_METADATA`], and data after the end
+//! of the archive by [`MAX_TRAILER`], so no part of the uncompressed stream is unbounded.
+//!
+//! # Policies
+//!
+//! - Device nodes (char/block) and FIFOs are created with `mknodat` as the layer says, like
+//!   containerd does as root. This is safe because runners mount layers `nodev` (a device
+//!   node in a layer cannot be opened as a device inside a runner) and the store directory is
+//!   root-only, so host users cannot reach them either.
+//! - Whiteouts: `.wh.<name>` removes `<name>` from this layer's directory and creates an
+//!   overlayfs whiteout (char device 0:0) `<name>`; `.wh..wh..opq` sets
+//!   `trusted.overlay.opaque=y` on its directory. Other `.wh..wh.` names (aufs metadata) are
+//!   ignored, as Docker does. A `.wh.` name used as a directory is refused.
+//! - xattrs come from PAX `SCHILY.xattr.*` records. `trusted.overlay.*` and `user.overlay.*`
+//!   are dropped (with a warning): they are how overlayfs encodes whiteouts, opaque dirs and
+//!   redirects, so a layer setting them itself could hide or redirect other layers' files.
+//! - Unsupported entry types (GNU sparse files, unknown type flags) are refused, naming the
+//!   entry, as containerd refuses unknown types. PAX global headers are ignored.
+//! - The root entry (`./`) applies its owner, mode, xattrs and mtime to `dest` itself.
+
+use std::cell::Cell;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::rc::Rc;
+
+use rustix::fs::{
+    AtFlags, Dir, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
+    XattrFlags,
+};
+use rustix::io::Errno;
+use sha2::{Digest, Sha256};
+
+/// Largest metadata (header, PAX records, GNU long name/link) one entry may carry. The tar
+/// crate holds these in memory, so they must be bounded; real layers use a few KiB at most.
+pub const MAX_ENTRY_METADATA: u64 = 4 << 20;
+
+/// Largest amount of data accepted after the tar archive's end-of-archive marker (padding to a
+/// record size; tools pad to 10 KiB records). It is read only to complete the diff_id.
+pub const MAX_TRAILER: u64 = 1 << 20;
+
+/// The overlayfs xattr of an opaque directory.
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
+const WHITEOUT_OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression of a layer with this OCI or Docker schema 2 media type, or `None` if it
+    /// is not a layer media type we can unpack.
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        // Media types may carry parameters; the type itself is before any `;`.
+        let media_type = media_type.split(';').next().unwrap_or("").trim();
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.zstd" => {
+                Some(Compression::Zstd)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Limits for one layer.
+#[derive(Debug, Clone)]
+pub struct UnpackLimits {
+    /// Total bytes of file contents written (uncompressed).
+    pub max_bytes: u64,
+    /// Number of tar entries (files, dirs, links, whiteouts...).
+    pub max_entries: u64,
+}
+
+/// What an unpack did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpackReport {
+    /// Tar entries processed.
+    pub entries: u64,
+    /// Content bytes written.
+    pub bytes: u64,
+    /// `sha256:<hex>` of the uncompressed tar stream (the layer's diff_id in the image config).
+    pub diff_id: String,
+}
+
+/// Why a layer could not be unpacked. Messages name the offending entry where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The layer's content is larger than [`UnpackLimits::max_bytes`].
+    #[error("layer entry {entry:?}: the layer exceeds the quota of {limit} bytes")]
+    TooLarge { entry: String, limit: u64 },
+    /// The layer has more entries than [`UnpackLimits::max_entries`].
+    #[error("layer entry {entry:?}: the layer exceeds the quota of {limit} entries")]
+    TooManyEntries { entry: String, limit: u64 },
+    /// An entry was refused (hostile, unsupported or inconsistent).
+    #[error("layer entry {entry:?}: {reason}")]
+    Refused { entry: String, reason: String },
+    /// A filesystem operation for an entry failed.
+    #[error("layer entry {entry:?}: {op}: {source}")]
+    Io {
+        entry: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The stream is not a valid (compressed) tar archive, or reading it failed.
+    #[error("reading the layer (after entry {after:?}): {source}")]
+    Read {
+        after: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An entry's headers (PAX records, long names) are larger than [`MAX_ENTRY_METADATA`].
+    #[error("layer entry after {after:?}: its headers exceed {MAX_ENTRY_METADATA} bytes")]
+    MetadataTooLarge { after: String },
+    /// More than [`MAX_TRAILER`] bytes follow the end of the tar archive.
+    #[error("the layer has more than {MAX_TRAILER} bytes after the end of its tar archive")]
+    TrailingData,
+    /// `dest` could not be opened.
+    #[error("opening the layer directory {dest:?}: {source}")]
+    Dest {
+        dest: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Unpacks `layer` (compressed as `compression`) into the EXISTING EMPTY directory `dest`;
+/// blocking (callers use spawn_blocking). On error `dest` may hold part of the layer (the
+/// caller removes it) but nothing outside `dest` was touched.
+pub fn unpack_layer(
+    layer: impl Read,
+    compression: Compression,
+    dest: &Path,
+    limits: &UnpackLimits,
+) -> Result<UnpackReport, UnpackError> {
+    let root = rustix::fs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| UnpackError::Dest {
+        dest: dest.to_owned(),
+        source: e.into(),
+    })?;
+
+    let decoder: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(layer),
+        // Multi-member gzip is valid gzip (pigz and Go's reader accept it).
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(layer)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(layer).map_err(|e| {
+            UnpackError::Read {
+                after: String::new(),
+                source: e,
+            }
+        })?),
+    };
+    let budget = Rc::new(Budget::default());
+    let reader = HashingReader {
+        inner: decoder,
+        hasher: Sha256::new(),
+        budget: budget.clone(),
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut unpacker = Unpacker {
+        root,
+        limits,
+        budget: budget.clone(),
+        entries: 0,
+        bytes: 0,
+        dirs: Vec::new(),
+        last: String::new(),
+        buf: vec![0; 256 * 1024],
+    };
+
+    {
+        let mut entries = archive
+            .entries()
+            .map_err(|e| unpacker.read_error(e, Phase::Metadata))?;
+        loop {
+            budget.allow(MAX_ENTRY_METADATA, Phase::Metadata);
+            let entry = match entries.next() {
+                None => break,
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => return Err(unpacker.read_error(e, Phase::Metadata)),
+            };
+            unpacker.entry(entry)?;
+        }
+    }
+    unpacker.finish_dirs()?;
+
+    // Read to the very end (the end-of-archive blocks and record padding) so the digest covers
+    // the whole uncompressed stream, which is what the image config's diff_id names.
+    let mut reader = archive.into_inner();
+    budget.allow(MAX_TRAILER, Phase::Trailer);
+    if let Err(e) = io::copy(&mut reader, &mut io::sink()) {
+        return Err(unpacker.read_error(e, Phase::Trailer));
+    }
+    let digest = reader.hasher.finalize();
+    Ok(UnpackReport {
+        entries: unpacker.entries,
+        bytes: unpacker.bytes,
+        diff_id: format!("sha256:{}", hex(&digest)),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What part of the stream is being read, to say which limit a refused read hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Phase {
+    #[default]
+    Metadata,
+    Data,
+    Trailer,
+}
+
+/// How far into the uncompressed stream the tar reader may read right now. The unpack loop
+/// moves the limit before each header, each entry's data and the trailer.
+#[derive(Default)]
+struct Budget {
+    pos: Cell<u64>,
+    end: Cell<u64>,
+    phase: Cell<Phase>,
+    exceeded: Cell<bool>,
+}
+
+impl Budget {
+    fn allow(&self, bytes: u64, phase: Phase) {
+        self.end.set(self.pos.get().saturating_add(bytes));
+        self.phase.set(phase);
+        self.exceeded.set(false);
+    }
+}
+
+/// Hashes the uncompressed stream as the tar reader consumes it, within the [`Budget`].
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    budget: Rc<Budget>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = self.budget.end.get() - self.budget.pos.get();
+        if room == 0 {
+            // Only an error if there is in fact more data: probe with one byte.
+            let mut probe = [0u8; 1];
+            let n = self.inner.read(&mut probe)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.hasher.update(probe);
+            self.budget.exceeded.set(true);
+            return Err(io::Error::other("layer stream limit reached"));
+        }
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.hasher.update(&buf[..n]);
+        self.budget.pos.set(self.budget.pos.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Owner, mode, xattrs and time an entry asks for.
+struct Meta {
+    uid: Uid,
+    gid: Gid,
+    mode: Mode,
+    times: Timestamps,
+    xattrs: Vec<(CString, Vec<u8>)>,
+}
+
+struct Unpacker<'l> {
+    root: OwnedFd,
+    limits: &'l UnpackLimits,
+    budget: Rc<Budget>,
+    entries: u64,
+    bytes: u64,
+    /// Directories whose mtime is set at the end (writing into them changes it).
+    dirs: Vec<(Vec<u8>, Timestamps)>,
+    /// The last entry's name, for errors about what follows it.
+    last: String,
+    buf: Vec<u8>,
+}
+
+/// An entry's normalised path: components, none empty, `.` or `..`.
+struct EntryPath<'a> {
+    parent: Vec<&'a [u8]>,
+    /// `None` for the layer root itself.
+    name: Option<&'a [u8]>,
+}
+
+fn normalise(raw: &[u8]) -> EntryPath<'_> {
+    let mut comps: Vec<&[u8]> = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            // Scoped to the layer root, as containerd does.
+            b".." => {
+                comps.pop();
+            }
+            c => comps.push(c),
+        }
+    }
+    let name = comps.pop();
+    EntryPath {
+        parent: comps,
+        name,
+    }
+}
+
+fn join(comps: &[&[u8]]) -> Vec<u8> {
+    if comps.is_empty() {
+        return b".".to_vec();
+    }
+    comps.join(&b'/')
+}
+
+fn in_root() -> ResolveFlags {
+    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC
+}
+
+/// `/proc/self/fd/<dir>/<name>`: the only way to reach a symlink or device node for
+/// `lsetxattr` without opening it. `<dir>` is our own fd of a directory inside the layer and
+/// `<name>` a single component that `lsetxattr` does not follow, so it stays confined.
+fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    p
+}
+
+impl Unpacker<'_> {
+    fn read_error(&self, source: io::Error, phase: Phase) -> UnpackError {
+        if self.budget.exceeded.get() {
+            match phase {
+                Phase::Metadata => UnpackError::MetadataTooLarge {
+                    after: self.last.clone(),
+                },
+                Phase::Trailer => UnpackError::TrailingData,
+                Phase::Data => UnpackError::TooLarge {
+                    entry: self.last.clone(),
+                    limit: self.limits.max_bytes,
+                },
+            }
+        } else {
+            UnpackError::Read {
+                after: self.last.clone(),
+                source,
+            }
+        }
+    }
+
+    fn refused(&self, reason: impl Into<String>) -> UnpackError {
+        UnpackError::Refused {
+            entry: self.last.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(Errno) -> UnpackError + '_ {
+        move |e| UnpackError::Io {
+            entry: self.last.clone(),
+            op,
+            source: e.into(),
+        }
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        let raw_path = entry.path_bytes().into_owned();
+        self.last = String::from_utf8_lossy(&raw_path).into_owned();
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                entry: self.last.clone(),
+                limit: self.limits.max_entries,
+            });
+        }
+        let size = entry.size();
+        if self.bytes.saturating_add(size) > self.limits.max_bytes {
+            return Err(UnpackError::TooLarge {
+                entry: self.last.clone(),
+                limit: self.limits.max_bytes,
+            });
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            return self.drain(&mut entry);
+        }
+        if kind.is_gnu_sparse() {
+            return Err(self.refused("GNU sparse files are not supported"));
+        }
+        let meta = self.meta(&mut entry)?;
+        let path = normalise(&raw_path);
+        if path
+            .parent
+            .iter()
+            .any(|c| c.starts_with(WHITEOUT_PREFIX))
+        {
+            return Err(self.refused("a whiteout name (.wh.) used as a directory"));
+        }
+        let parent = self.open_parent(&path.parent)?;
+        let Some(name) = path.name else {
+            // The layer root itself.
+            if !kind.is_dir() {
+                return Err(self.refused("the layer root is not a directory"));
+            }
+            self.drain(&mut entry)?;
+            self.set_dir_meta(&parent, &meta)?;
+            self.dirs.push((Vec::new(), meta.times));
+            return Ok(());
+        };
+
+        if name.starts_with(WHITEOUT_PREFIX) {
+            self.drain(&mut entry)?;
+            return self.whiteout(&parent, name);
+        }
+
+        // V7 archives mark directories by a trailing slash on a regular entry.
+        let is_dir = kind.is_dir() || (kind == tar::EntryType::Regular && raw_path.ends_with(b"/"));
+        if is_dir {
+            self.drain(&mut entry)?;
+            let existing_dir = self.clear(&parent, name, true)?;
+            if !existing_dir {
+                rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700))
+                    .map_err(self.io("mkdirat"))?;
+            }
+            let fd = rustix::fs::openat2(
+                &parent,
+                name,
+                dir_flags() | OFlags::NOFOLLOW,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+            )
+            .map_err(self.io("opening the directory"))?;
+            self.set_dir_meta(&fd, &meta)?;
+            let mut full = path.parent.clone();
+            full.push(name);
+            self.dirs.push((join(&full), meta.times));
+            return Ok(());
+        }
+
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                self.regular(&mut entry, &parent, name, size, &meta)
+            }
+            tar::EntryType::Symlink => {
+                self.drain(&mut entry)?;
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.refused("symlink without a target"))?
+                    .into_owned();
+                self.clear(&parent, name, false)?;
+                // The target text is kept verbatim: it is resolved later, inside the runner.
+                rustix::fs::symlinkat(target.as_slice(), &parent, name)
+                    .map_err(self.io("symlinkat"))?;
+                rustix::fs::chownat(
+                    &parent,
+                    name,
+                    Some(meta.uid),
+                    Some(meta.gid),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(self.io("chown"))?;
+                self.set_xattrs_by_name(&parent, name, &meta, true)?;
+                rustix::fs::utimensat(&parent, name, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(self.io("utimensat"))
+            }
+            tar::EntryType::Link => {
+                self.drain(&mut entry)?;
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.refused("hard link without a target"))?
+                    .into_owned();
+                self.hardlink(&parent, &path, name, &target)
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                self.drain(&mut entry)?;
+                self.node(&mut entry, &parent, name, kind, &meta)
+            }
+            other => Err(self.refused(format!(
+                "unsupported entry type {:?}",
+                char::from(other.as_byte())
+            ))),
+        }
+    }
+
+    /// Reads the entry's data without writing it (it still counts against the quota).
+    fn drain<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        self.copy(entry, &mut io::sink())
+    }
+
+    fn copy<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        out: &mut impl Write,
+    ) -> Result<(), UnpackError> {
+        let size = entry.size();
+        self.budget.allow(size, Phase::Data);
+        let mut done = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_error(e, Phase::Data)),
+            };
+            out.write_all(&self.buf[..n])
+                .map_err(|source| UnpackError::Io {
+                    entry: self.last.clone(),
+                    op: "writing",
+                    source,
+                })?;
+            done += n as u64;
+        }
+        if done != size {
+            return Err(self.read_error(
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the archive ends inside an entry"),
+                Phase::Data,
+            ));
+        }
+        self.bytes += done;
+        Ok(())
+    }
+
+    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> Result<Meta, UnpackError> {
+        let header = entry.header();
+        // The tar crate already applies PAX uid/gid records to the header.
+        let id = |v: io::Result<u64>, what: &str| -> Result<u32, UnpackError> {
+            let v = v.map_err(|e| self.refused(format!("bad {what}: {e}")))?;
+            // u32::MAX means "leave unchanged" to chown, so it is no valid id either.
+            u32::try_from(v)
+                .ok()
+                .filter(|v| *v != u32::MAX)
+                .ok_or_else(|| self.refused(format!("{what} {v} out of range")))
+        };
+        let uid = id(header.uid(), "uid")?;
+        let gid = id(header.gid(), "gid")?;
+        let mode = header
+            .mode()
+            .map_err(|e| self.refused(format!("bad mode: {e}")))?
+            & 0o7777;
+        let mtime = header
+            .mtime()
+            .map_err(|e| self.refused(format!("bad mtime: {e}")))?;
+        let mut mtime = Timespec {
+            tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
+            tv_nsec: 0,
+        };
+        let mut xattrs = Vec::new();
+        let exts = entry
+            .pax_extensions()
+            .map_err(|e| self.refused(format!("bad PAX header: {e}")))?;
+        if let Some(exts) = exts {
+            for ext in exts {
+                let ext = ext.map_err(|e| self.refused(format!("bad PAX record: {e}")))?;
+                let key = ext.key_bytes();
+                if key == b"mtime" {
+                    if let Some(t) = parse_pax_time(ext.value_bytes()) {
+                        mtime = t;
+                    }
+                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+                    {
+                        // Overlayfs metadata: a layer setting it would forge whiteouts,
+                        // opaque dirs or redirects; we make those ourselves from .wh. files.
+                        tracing::warn!(
+                            entry = %self.last,
+                            xattr = %String::from_utf8_lossy(name),
+                            "ignoring an overlayfs xattr set by the layer"
+                        );
+                        continue;
+                    }
+                    let name = CString::new(name)
+                        .map_err(|_| self.refused("xattr name contains NUL"))?;
+                    xattrs.push((name, ext.value_bytes().to_vec()));
+                }
+            }
+        }
+        Ok(Meta {
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(gid),
+            mode: Mode::from_raw_mode(mode),
+            times: Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            },
+            xattrs,
+        })
+    }
+
+    /// Opens (creating if needed) the directory `comps` inside the layer, confined to it.
+    fn open_parent(&self, comps: &[&[u8]]) -> Result<OwnedFd, UnpackError> {
+        match rustix::fs::openat2(&self.root, join(comps), dir_flags(), Mode::empty(), in_root()) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::NOENT) => {}
+            Err(Errno::NOTDIR) => return Err(self.refused("a parent is not a directory")),
+            Err(e) => return Err(self.io("opening the parent directory")(e)),
+        }
+        // Some component is missing: walk down, creating what is not there. Each prefix is
+        // opened from the root again so symlinks on the way stay scoped to the layer.
+        let mut dir = rustix::fs::openat2(&self.root, ".", dir_flags(), Mode::empty(), in_root())
+            .map_err(self.io("opening the layer root"))?;
+        for i in 0..comps.len() {
+            let prefix = join(&comps[..=i]);
+            let open = || {
+                rustix::fs::openat2(&self.root, &prefix, dir_flags(), Mode::empty(), in_root())
+            };
+            dir = match open() {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&dir, comps[i], Mode::from_raw_mode(0o755)) {
+                        Ok(()) => {}
+                        // A dangling symlink: creating its target would mean guessing.
+                        Err(Errno::EXIST) => {
+                            return Err(self.refused(format!(
+                                "parent {:?} is a symlink to a directory that does not exist \
+                                 in this layer",
+                                String::from_utf8_lossy(&prefix)
+                            )))
+                        }
+                        Err(e) => return Err(self.io("creating a parent directory")(e)),
+                    }
+                    let fd = open().map_err(self.io("opening a parent directory"))?;
+                    // mkdirat obeys the umask; implicit parents are 0755 as tar makes them.
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                        .map_err(self.io("chmod"))?;
+                    fd
+                }
+                Err(Errno::NOTDIR) => return Err(self.refused("a parent is not a directory")),
+                Err(e) => return Err(self.io("opening a parent directory")(e)),
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Removes `name` from `parent` so a new entry can take its place. An existing
+    /// directory is kept if `keep_dir` (a directory entry over a directory merges, as in tar);
+    /// returns whether it was.
+    fn clear(&self, parent: &OwnedFd, name: &[u8], keep_dir: bool) -> Result<bool, UnpackError> {
+        match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(self.io("stat")(e)),
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                if keep_dir {
+                    return Ok(true);
+                }
+                remove_all(parent.as_fd(), name).map_err(self.io("removing the replaced entry"))?;
+                Ok(false)
+            }
+            Ok(_) => {
+                rustix::fs::unlinkat(parent, name, AtFlags::empty())
+                    .map_err(self.io("removing the replaced entry"))?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn regular<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        parent: &OwnedFd,
+        name: &[u8],
+        size: u64,
+        meta: &Meta,
+    ) -> Result<(), UnpackError> {
+        debug_assert_eq!(size, entry.size());
+        self.clear(parent, name, false)?;
+        let fd = rustix::fs::openat2(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(self.io("creating the file"))?;
+        let mut file = File::from(fd);
+        self.copy(entry, &mut file)?;
+        // chown clears setuid/setgid and file capabilities, so: owner, then mode, then xattrs.
+        rustix::fs::fchown(&file, Some(meta.uid), Some(meta.gid)).map_err(self.io("chown"))?;
+        rustix::fs::fchmod(&file, meta.mode).map_err(self.io("chmod"))?;
+        self.set_xattrs_fd(file.as_fd(), meta)?;
+        rustix::fs::futimens(&file, &meta.times).map_err(self.io("futimens"))
+    }
+
+    fn set_dir_meta(&self, fd: &OwnedFd, meta: &Meta) -> Result<(), UnpackError> {
+        rustix::fs::fchown(fd, Some(meta.uid), Some(meta.gid)).map_err(self.io("chown"))?;
+        rustix::fs::fchmod(fd, meta.mode).map_err(self.io("chmod"))?;
+        self.set_xattrs_fd(fd.as_fd(), meta)
+    }
+
+    fn set_xattrs_fd(&self, fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), UnpackError> {
+        for (name, value) in &meta.xattrs {
+            match rustix::fs::fsetxattr(fd, name.as_c_str(), value, XattrFlags::empty()) {
+                Ok(()) => {}
+                Err(e) if e == Errno::OPNOTSUPP => self.warn_xattr(name, e),
+                Err(e) => return Err(self.io("setting an xattr")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// xattrs of a symlink or node, which we must not open.
+    fn set_xattrs_by_name(
+        &self,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        symlink: bool,
+    ) -> Result<(), UnpackError> {
+        if meta.xattrs.is_empty() {
+            return Ok(());
+        }
+        let path = proc_path(parent.as_fd(), name);
+        for (xname, value) in &meta.xattrs {
+            match rustix::fs::lsetxattr(path.as_slice(), xname.as_c_str(), value, XattrFlags::empty())
+            {
+                Ok(()) => {}
+                Err(e) if e == Errno::OPNOTSUPP => self.warn_xattr(xname, e),
+                // user.* xattrs are not allowed on symlinks; containerd skips those too.
+                Err(Errno::PERM) if symlink => self.warn_xattr(xname, Errno::PERM),
+                Err(e) => return Err(self.io("setting an xattr")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn warn_xattr(&self, name: &CString, e: Errno) {
+        tracing::warn!(entry = %self.last, xattr = ?name, error = %e, "xattr not kept");
+    }
+
+    fn whiteout(&self, parent: &OwnedFd, name: &[u8]) -> Result<(), UnpackError> {
+        if name == WHITEOUT_OPAQUE {
+            return rustix::fs::fsetxattr(parent, OPAQUE_XATTR, b"y", XattrFlags::empty())
+                .map_err(self.io("marking the directory opaque"));
+        }
+        if name.starts_with(WHITEOUT_META_PREFIX) {
+            // aufs bookkeeping (.wh..wh.plnk etc.): meaningless to overlayfs, as Docker skips.
+            return Ok(());
+        }
+        let target = &name[WHITEOUT_PREFIX.len()..];
+        if target.is_empty() || target == b"." || target == b".." {
+            return Err(self.refused("a whiteout without a name"));
+        }
+        self.clear(parent, target, false)?;
+        rustix::fs::mknodat(
+            parent,
+            target,
+            FileType::CharacterDevice,
+            Mode::empty(),
+            rustix::fs::makedev(0, 0),
+        )
+        .map_err(self.io("creating the whiteout"))
+    }
+
+    fn hardlink(
+        &self,
+        parent: &OwnedFd,
+        path: &EntryPath<'_>,
+        name: &[u8],
+        target_raw: &[u8],
+    ) -> Result<(), UnpackError> {
+        let target = normalise(target_raw);
+        let Some(target_name) = target.name else {
+            return Err(self.refused("hard link to the layer root"));
+        };
+        let mut target_comps = target.parent.clone();
+        target_comps.push(target_name);
+        if target.parent == path.parent && target_name == name {
+            return Ok(()); // A link to itself: nothing to do.
+        }
+        let shown = String::from_utf8_lossy(target_raw);
+        // Resolved inside the layer; O_PATH | O_NOFOLLOW opens a final symlink itself.
+        let fd = match rustix::fs::openat2(
+            &self.root,
+            join(&target_comps),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            in_root(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => {
+                return Err(self.refused(format!(
+                    "hard link target {shown:?} does not exist in this layer"
+                )))
+            }
+            Err(e) => return Err(self.io("opening the hard link target")(e)),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(self.io("stat of the hard link target"))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(self.refused(format!(
+                "hard link target {shown:?} is not a regular file"
+            )));
+        }
+        self.clear(parent, name, false)?;
+        rustix::fs::linkat(&fd, "", parent, name, AtFlags::EMPTY_PATH)
+            .map_err(self.io("linkat"))
+    }
+
+    fn node<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        parent: &OwnedFd,
+        name: &[u8],
+        kind: tar::EntryType,
+        meta: &Meta,
+    ) -> Result<(), UnpackError> {
+        let header = entry.header();
+        let (file_type, dev) = match kind {
+            tar::EntryType::Fifo => (FileType::Fifo, 0),
+            _ => {
+                let num = |v: io::Result<Option<u32>>| {
+                    v.map_err(|e| self.refused(format!("bad device number: {e}")))
+                        .map(|v| v.unwrap_or(0))
+                };
+                let major = num(header.device_major())?;
+                let minor = num(header.device_minor())?;
+                let t = if kind == tar::EntryType::Char {
+                    FileType::CharacterDevice
+                } else {
+                    FileType::BlockDevice
+                };
+                (t, rustix::fs::makedev(major, minor))
+            }
+        };
+        self.clear(parent, name, false)?;
+        // Devices are kept as the layer has them: runners mount layers nodev (see the
+        // module docs), so they are inert there.
+        rustix::fs::mknodat(parent, name, file_type, Mode::empty(), dev)
+            .map_err(self.io("mknodat"))?;
+        rustix::fs::chownat(
+            parent,
+            name,
+            Some(meta.uid),
+            Some(meta.gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(self.io("chown"))?;
+        // fchmodat cannot refuse to follow, but `name` is the node we just made, not a link.
+        rustix::fs::chmodat(parent, name, meta.mode, AtFlags::empty()).map_err(self.io("chmod"))?;
+        self.set_xattrs_by_name(parent, name, meta, false)?;
+        rustix::fs::utimensat(parent, name, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(self.io("utimensat"))
+    }
+
+    /// Sets directories' mtimes last: creating their children changed them.
+    fn finish_dirs(&mut self) -> Result<(), UnpackError> {
+        for (path, times) in std::mem::take(&mut self.dirs) {
+            let fd = match rustix::fs::openat2(
+                &self.root,
+                &path,
+                dir_flags() | OFlags::NOFOLLOW,
+                Mode::empty(),
+                in_root(),
+            ) {
+                Ok(fd) => fd,
+                // Replaced or whited out by a later entry.
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => continue,
+                Err(e) => {
+                    return Err(UnpackError::Io {
+                        entry: String::from_utf8_lossy(&path).into_owned(),
+                        op: "opening the directory",
+                        source: e.into(),
+                    })
+                }
+            };
+            rustix::fs::futimens(&fd, &times).map_err(|e| UnpackError::Io {
+                entry: String::from_utf8_lossy(&path).into_owned(),
+                op: "futimens",
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes `name` (a directory) in `parent` and everything below it, never following links.
+fn remove_all(parent: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<()> {
+    let fd = rustix::fs::openat(
+        parent,
+        name,
+        dir_flags() | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?;
+    let mut children = Vec::new();
+    for child in Dir::read_from(&fd)? {
+        let child = child?;
+        let n = child.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            children.push(n.to_vec());
+        }
+    }
+    for child in children {
+        let st = rustix::fs::statat(&fd, child.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            remove_all(fd.as_fd(), &child)?;
+        } else {
+            rustix::fs::unlinkat(&fd, child.as_slice(), AtFlags::empty())?;
+        }
+    }
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)
+}
+
+/// A PAX time: decimal seconds with an optional fraction (`1700000000.123456789`).
+fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let tv_sec: i64 = secs.parse().ok()?;
+    let mut nsec = 0i64;
+    if !s.starts_with('-') {
+        for (i, c) in frac.chars().take(9).enumerate() {
+            nsec += i64::from(c.to_digit(10)?) * 10i64.pow(8 - i as u32);
+        }
+    }
+    Some(Timespec {
+        tv_sec,
+        tv_nsec: nsec,
+    })
+}
+
