@@ -60,8 +60,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use rustix::fs::{
-    AtFlags, Dir, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
-    XattrFlags,
+    AtFlags, Dir, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
 };
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -201,12 +200,14 @@ pub fn unpack_layer(
         Compression::None => Box::new(layer),
         // Multi-member gzip is valid gzip (pigz and Go's reader accept it).
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(layer)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(layer).map_err(|e| {
-            UnpackError::Read {
-                after: String::new(),
-                source: e,
-            }
-        })?),
+        Compression::Zstd => {
+            Box::new(
+                zstd::stream::read::Decoder::new(layer).map_err(|e| UnpackError::Read {
+                    after: String::new(),
+                    source: e,
+                })?,
+            )
+        }
     };
     let budget = Rc::new(Budget::default());
     let reader = HashingReader {
@@ -458,11 +459,7 @@ impl Unpacker<'_> {
         }
         let meta = self.meta(&mut entry)?;
         let path = normalise(&raw_path);
-        if path
-            .parent
-            .iter()
-            .any(|c| c.starts_with(WHITEOUT_PREFIX))
-        {
+        if path.parent.iter().any(|c| c.starts_with(WHITEOUT_PREFIX)) {
             return Err(self.refused("a whiteout name (.wh.) used as a directory"));
         }
         let parent = self.open_parent(&path.parent)?;
@@ -581,7 +578,10 @@ impl Unpacker<'_> {
         }
         if done != size {
             return Err(self.read_error(
-                io::Error::new(io::ErrorKind::UnexpectedEof, "the archive ends inside an entry"),
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the archive ends inside an entry",
+                ),
                 Phase::Data,
             ));
         }
@@ -626,8 +626,7 @@ impl Unpacker<'_> {
                         mtime = t;
                     }
                 } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
-                    {
+                    if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
                         // Overlayfs metadata: a layer setting it would forge whiteouts,
                         // opaque dirs or redirects; we make those ourselves from .wh. files.
                         tracing::warn!(
@@ -637,8 +636,8 @@ impl Unpacker<'_> {
                         );
                         continue;
                     }
-                    let name = CString::new(name)
-                        .map_err(|_| self.refused("xattr name contains NUL"))?;
+                    let name =
+                        CString::new(name).map_err(|_| self.refused("xattr name contains NUL"))?;
                     xattrs.push((name, ext.value_bytes().to_vec()));
                 }
             }
@@ -657,10 +656,17 @@ impl Unpacker<'_> {
 
     /// Opens (creating if needed) the directory `comps` inside the layer, confined to it.
     fn open_parent(&self, comps: &[&[u8]]) -> Result<OwnedFd, UnpackError> {
-        match rustix::fs::openat2(&self.root, join(comps), dir_flags(), Mode::empty(), in_root()) {
+        match rustix::fs::openat2(
+            &self.root,
+            join(comps),
+            dir_flags(),
+            Mode::empty(),
+            in_root(),
+        ) {
             Ok(fd) => return Ok(fd),
             Err(Errno::NOENT) => {}
             Err(Errno::NOTDIR) => return Err(self.refused("a parent is not a directory")),
+            Err(Errno::LOOP) => return Err(self.refused("a parent is a symlink loop")),
             Err(e) => return Err(self.io("opening the parent directory")(e)),
         }
         // Some component is missing: walk down, creating what is not there. Each prefix is
@@ -669,9 +675,8 @@ impl Unpacker<'_> {
             .map_err(self.io("opening the layer root"))?;
         for i in 0..comps.len() {
             let prefix = join(&comps[..=i]);
-            let open = || {
-                rustix::fs::openat2(&self.root, &prefix, dir_flags(), Mode::empty(), in_root())
-            };
+            let open =
+                || rustix::fs::openat2(&self.root, &prefix, dir_flags(), Mode::empty(), in_root());
             dir = match open() {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
@@ -779,8 +784,12 @@ impl Unpacker<'_> {
         }
         let path = proc_path(parent.as_fd(), name);
         for (xname, value) in &meta.xattrs {
-            match rustix::fs::lsetxattr(path.as_slice(), xname.as_c_str(), value, XattrFlags::empty())
-            {
+            match rustix::fs::lsetxattr(
+                path.as_slice(),
+                xname.as_c_str(),
+                value,
+                XattrFlags::empty(),
+            ) {
                 Ok(()) => {}
                 Err(e) if e == Errno::OPNOTSUPP => self.warn_xattr(xname, e),
                 // user.* xattrs are not allowed on symlinks; containerd skips those too.
@@ -850,17 +859,19 @@ impl Unpacker<'_> {
                     "hard link target {shown:?} does not exist in this layer"
                 )))
             }
+            Err(Errno::LOOP) => {
+                return Err(self.refused(format!(
+                    "hard link target {shown:?} goes through a symlink loop"
+                )))
+            }
             Err(e) => return Err(self.io("opening the hard link target")(e)),
         };
         let st = rustix::fs::fstat(&fd).map_err(self.io("stat of the hard link target"))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(self.refused(format!(
-                "hard link target {shown:?} is not a regular file"
-            )));
+            return Err(self.refused(format!("hard link target {shown:?} is not a regular file")));
         }
         self.clear(parent, name, false)?;
-        rustix::fs::linkat(&fd, "", parent, name, AtFlags::EMPTY_PATH)
-            .map_err(self.io("linkat"))
+        rustix::fs::linkat(&fd, "", parent, name, AtFlags::EMPTY_PATH).map_err(self.io("linkat"))
     }
 
     fn node<R: Read>(
@@ -942,12 +953,7 @@ impl Unpacker<'_> {
 
 /// Removes `name` (a directory) in `parent` and everything below it, never following links.
 fn remove_all(parent: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<()> {
-    let fd = rustix::fs::openat(
-        parent,
-        name,
-        dir_flags() | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )?;
+    let fd = rustix::fs::openat(parent, name, dir_flags() | OFlags::NOFOLLOW, Mode::empty())?;
     let mut children = Vec::new();
     for child in Dir::read_from(&fd)? {
         let child = child?;
@@ -984,3 +990,730 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::PathBuf;
+    use tar::{EntryType, Header};
+
+    const NO_LIMITS: UnpackLimits = UnpackLimits {
+        max_bytes: u64::MAX,
+        max_entries: u64::MAX,
+    };
+
+    /// A header with the path (and link target) written raw, so hostile names survive.
+    fn header(path: &[u8], kind: EntryType, size: u64) -> Header {
+        let mut h = Header::new_gnu();
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h
+    }
+
+    struct Layer(tar::Builder<Vec<u8>>);
+
+    impl Layer {
+        fn new() -> Layer {
+            Layer(tar::Builder::new(Vec::new()))
+        }
+        fn raw(&mut self, mut h: Header, data: &[u8]) -> &mut Self {
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
+        fn file(&mut self, path: &str, data: &[u8]) -> &mut Self {
+            self.raw(
+                header(path.as_bytes(), EntryType::Regular, data.len() as u64),
+                data,
+            )
+        }
+        fn dir(&mut self, path: &str) -> &mut Self {
+            self.raw(header(path.as_bytes(), EntryType::Directory, 0), b"")
+        }
+        fn link(&mut self, kind: EntryType, path: &str, target: &str) -> &mut Self {
+            let mut h = header(path.as_bytes(), kind, 0);
+            h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+            self.raw(h, b"")
+        }
+        fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+            self.0
+                .append_pax_extensions(records.iter().copied())
+                .unwrap();
+            self
+        }
+        fn finish(&mut self) -> Vec<u8> {
+            let b = std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()));
+            b.into_inner().unwrap()
+        }
+    }
+
+    /// `<tmp>/layer` (empty, the dest) beside `<tmp>/outside` (a marker with a file).
+    struct Env {
+        _tmp: tempfile::TempDir,
+        dest: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn fresh() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("layer");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        Env {
+            _tmp: tmp,
+            dest,
+            outside,
+        }
+    }
+
+    /// Everything observable about a tree (names, types, modes, owners, sizes, contents).
+    fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let md = std::fs::symlink_metadata(&d).unwrap();
+            out.insert(
+                d.clone(),
+                format!(
+                    "{:o} {} {} {} {}",
+                    md.mode(),
+                    md.uid(),
+                    md.nlink(),
+                    md.mtime(),
+                    md.size()
+                ),
+            );
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let md = std::fs::symlink_metadata(&p).unwrap();
+                if md.is_dir() {
+                    stack.push(p);
+                } else {
+                    let content = if md.is_file() {
+                        String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned()
+                    } else {
+                        String::new()
+                    };
+                    out.insert(
+                        p,
+                        format!(
+                            "{:o} {} {} {} {content}",
+                            md.mode(),
+                            md.uid(),
+                            md.nlink(),
+                            md.size()
+                        ),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn unpack(env: &Env, tar: &[u8]) -> Result<UnpackReport, UnpackError> {
+        unpack_layer(tar, Compression::None, &env.dest, &NO_LIMITS)
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        format!("sha256:{}", hex(&Sha256::digest(data)))
+    }
+
+    fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 256];
+        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(Errno::NODATA) => None,
+            Err(e) => panic!("getxattr {path:?} {name}: {e}"),
+        }
+    }
+
+    fn is_whiteout(path: &Path) -> bool {
+        let md = std::fs::symlink_metadata(path).unwrap();
+        md.file_type().is_char_device() && md.rdev() == 0
+    }
+
+    /// Runs a hostile layer and checks the marker beside dest is untouched; returns the result.
+    fn hostile(tar: &[u8]) -> (Env, Result<UnpackReport, UnpackError>) {
+        let env = fresh();
+        let before = snapshot(env.outside.parent().unwrap());
+        let passwd = std::fs::symlink_metadata("/etc/passwd").unwrap();
+        let result = unpack(&env, tar);
+        let mut after = snapshot(env.outside.parent().unwrap());
+        // Only dest's own subtree may change.
+        let mut before_outside = before.clone();
+        before_outside.retain(|p, _| !p.starts_with(&env.dest));
+        after.retain(|p, _| !p.starts_with(&env.dest));
+        assert_eq!(before_outside, after, "something outside dest changed");
+        let passwd_after = std::fs::symlink_metadata("/etc/passwd").unwrap();
+        assert_eq!(passwd.nlink(), passwd_after.nlink());
+        assert_eq!(passwd.mtime(), passwd_after.mtime());
+        (env, result)
+    }
+
+    fn assert_refused(result: Result<UnpackReport, UnpackError>, entry: &str, words: &str) {
+        let msg = result.expect_err("the layer should be refused").to_string();
+        assert!(
+            msg.contains(&format!("{entry:?}")),
+            "{msg:?} should name {entry:?}"
+        );
+        assert!(msg.contains(words), "{msg:?} should say {words:?}");
+    }
+
+    #[test]
+    fn regular_files_keep_content_mode_owner_mtime() {
+        let env = fresh();
+        let mut h = header(b"etc/app.conf", EntryType::Regular, 5);
+        h.set_mode(0o640);
+        h.set_uid(1000);
+        h.set_gid(1001);
+        h.set_mtime(1_500_000_000);
+        let mut suid = header(b"usr/bin/su", EntryType::Regular, 2);
+        suid.set_mode(0o4755);
+        suid.set_uid(1000);
+        let mut d = header(b"etc/", EntryType::Directory, 0);
+        d.set_mtime(1_400_000_000);
+        d.set_mode(0o750);
+        let tar = Layer::new()
+            .raw(header(b"./", EntryType::Directory, 0), b"")
+            .raw(d, b"")
+            .raw(h, b"hello")
+            .raw(suid, b"#!")
+            .finish();
+        let report = unpack(&env, &tar).unwrap();
+        assert_eq!(report.entries, 4);
+        assert_eq!(report.bytes, 7);
+        assert_eq!(report.diff_id, sha256(&tar));
+
+        let f = env.dest.join("etc/app.conf");
+        assert_eq!(std::fs::read(&f).unwrap(), b"hello");
+        let md = std::fs::metadata(&f).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o640);
+        assert_eq!((md.uid(), md.gid()), (1000, 1001));
+        assert_eq!(md.mtime(), 1_500_000_000);
+        let md = std::fs::metadata(env.dest.join("usr/bin/su")).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o4755, "setuid survives chown");
+        assert_eq!(md.uid(), 1000);
+        // Implicit parents are 0755; the etc dir keeps its own mode and mtime.
+        let md = std::fs::metadata(env.dest.join("usr")).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o755);
+        let md = std::fs::metadata(env.dest.join("etc")).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o750);
+        assert_eq!(
+            md.mtime(),
+            1_400_000_000,
+            "dir mtime set after its children"
+        );
+        let md = std::fs::metadata(&env.dest).unwrap();
+        assert_eq!(
+            md.mode() & 0o7777,
+            0o755,
+            "the ./ entry applies to the root"
+        );
+    }
+
+    #[test]
+    fn symlinks_hardlinks_devices_fifos() {
+        let env = fresh();
+        let mut null = header(b"dev/null", EntryType::Char, 0);
+        null.set_device_major(1).unwrap();
+        null.set_device_minor(3).unwrap();
+        null.set_mode(0o666);
+        let mut fifo = header(b"run/fifo", EntryType::Fifo, 0);
+        fifo.set_mode(0o620);
+        let tar = Layer::new()
+            .file("bin/busybox", b"elf")
+            .link(EntryType::Link, "bin/sh", "bin/busybox")
+            .link(EntryType::Link, "bin/ls", "/bin/busybox")
+            .link(EntryType::Symlink, "etc/shadow-link", "../../etc/shadow")
+            .raw(null, b"")
+            .raw(fifo, b"")
+            .finish();
+        unpack(&env, &tar).unwrap();
+        let link = std::fs::read_link(env.dest.join("etc/shadow-link")).unwrap();
+        assert_eq!(link, Path::new("../../etc/shadow"), "symlink kept verbatim");
+        let a = std::fs::metadata(env.dest.join("bin/busybox")).unwrap();
+        let b = std::fs::metadata(env.dest.join("bin/sh")).unwrap();
+        let c = std::fs::metadata(env.dest.join("bin/ls")).unwrap();
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(a.ino(), c.ino());
+        assert_eq!(a.nlink(), 3);
+        let md = std::fs::symlink_metadata(env.dest.join("dev/null")).unwrap();
+        assert!(md.file_type().is_char_device());
+        assert_eq!(md.rdev(), rustix::fs::makedev(1, 3));
+        assert_eq!(md.mode() & 0o7777, 0o666);
+        let md = std::fs::symlink_metadata(env.dest.join("run/fifo")).unwrap();
+        assert!(md.file_type().is_fifo());
+        assert_eq!(md.mode() & 0o7777, 0o620);
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_dirs() {
+        let env = fresh();
+        let tar = Layer::new()
+            .file("a/file", b"x")
+            .file("a/keep", b"y")
+            .file("a/.wh.file", b"")
+            .file(".wh.gone", b"")
+            .dir("tree/")
+            .file("tree/sub/f", b"z")
+            .file(".wh.tree", b"")
+            .file("opq/.wh..wh..opq", b"")
+            .file("opq/new", b"n")
+            .file(".wh..wh.plnk", b"")
+            .finish();
+        unpack(&env, &tar).unwrap();
+        assert!(
+            is_whiteout(&env.dest.join("a/file")),
+            "earlier file replaced by a whiteout"
+        );
+        assert!(env.dest.join("a/keep").is_file());
+        assert!(is_whiteout(&env.dest.join("gone")));
+        assert!(
+            is_whiteout(&env.dest.join("tree")),
+            "a whited-out dir goes with its children"
+        );
+        assert_eq!(
+            xattr(&env.dest.join("opq"), OPAQUE_XATTR).as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(env.dest.join("opq/new").is_file());
+        for name in [".wh.gone", "a/.wh.file", "opq/.wh..wh..opq", ".wh..wh.plnk"] {
+            assert!(
+                std::fs::symlink_metadata(env.dest.join(name)).is_err(),
+                "{name} created"
+            );
+        }
+    }
+
+    #[test]
+    fn later_entries_replace_earlier_ones() {
+        let env = fresh();
+        let tar = Layer::new()
+            .file("x", b"file")
+            .dir("x/")
+            .file("x/inner", b"i")
+            .dir("y/")
+            .file("y/child", b"c")
+            .file("y", b"now a file")
+            .link(EntryType::Symlink, "z", "/somewhere")
+            .file("z", b"plain")
+            .file("w", b"old")
+            .file("w", b"new")
+            .finish();
+        unpack(&env, &tar).unwrap();
+        assert!(env.dest.join("x/inner").is_file());
+        assert_eq!(std::fs::read(env.dest.join("y")).unwrap(), b"now a file");
+        assert_eq!(std::fs::read(env.dest.join("z")).unwrap(), b"plain");
+        assert_eq!(std::fs::read(env.dest.join("w")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn pax_xattrs_long_names_and_times() {
+        let env = fresh();
+        let long = format!("{}/file", "d".repeat(150));
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.comment", &b"hi"[..]),
+            (
+                "SCHILY.xattr.security.capability",
+                &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
+            ),
+            ("mtime", &b"1700000000.5"[..]),
+        ])
+        .unwrap();
+        let mut h = Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o755);
+        h.set_entry_type(EntryType::Regular);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        unpack(&env, &tar).unwrap();
+        let f = env.dest.join(&long);
+        assert_eq!(std::fs::read(&f).unwrap(), b"abc");
+        assert_eq!(xattr(&f, "user.comment").as_deref(), Some(&b"hi"[..]));
+        assert!(xattr(&f, "security.capability").is_some());
+        let md = std::fs::metadata(&f).unwrap();
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_700_000_000, 500_000_000));
+    }
+
+    #[test]
+    fn compressed_layers_and_diff_id() {
+        let tar = Layer::new().file("a", b"hello").dir("d/").finish();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        for (compression, blob) in [
+            (Compression::None, tar.clone()),
+            (Compression::Gzip, gz),
+            (Compression::Zstd, zst),
+        ] {
+            let env = fresh();
+            let report = unpack_layer(&blob[..], compression, &env.dest, &NO_LIMITS).unwrap();
+            assert_eq!(report.diff_id, sha256(&tar), "{compression:?}");
+            assert_eq!(report.entries, 2);
+            assert_eq!(std::fs::read(env.dest.join("a")).unwrap(), b"hello");
+        }
+        // A stream that is not what it claims fails cleanly.
+        let env = fresh();
+        let err = unpack_layer(&tar[..], Compression::Gzip, &env.dest, &NO_LIMITS).unwrap_err();
+        assert!(matches!(err, UnpackError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn media_types() {
+        use Compression::*;
+        for (mt, c) in [
+            ("application/vnd.oci.image.layer.v1.tar", Some(None)),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Gzip)),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Zstd)),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                Some(None),
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Some(Gzip),
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+                Some(Zstd),
+            ),
+            ("application/vnd.docker.image.rootfs.diff.tar", Some(None)),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Some(Gzip),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.zstd",
+                Some(Zstd),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Some(Gzip),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar",
+                Some(None),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip; charset=x",
+                Some(Gzip),
+            ),
+            ("application/vnd.oci.image.config.v1+json", Option::None),
+            ("application/vnd.oci.image.layer.v1.tar+bzip2", Option::None),
+            ("", Option::None),
+        ] {
+            assert_eq!(Compression::from_media_type(mt), c, "{mt}");
+        }
+    }
+
+    #[test]
+    fn dotdot_is_scoped_to_the_layer_root() {
+        let tar = Layer::new().file("../outside/x", b"pwned").finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert_eq!(std::fs::read(env.dest.join("outside/x")).unwrap(), b"pwned");
+        let tar = Layer::new()
+            .file("a/../../../../outside/y", b"pwned")
+            .finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert!(env.dest.join("outside/y").is_file());
+    }
+
+    #[test]
+    fn absolute_paths_are_scoped_to_the_layer_root() {
+        let tar = Layer::new().file("/abs/path", b"pwned").finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert!(env.dest.join("abs/path").is_file());
+        assert!(!Path::new("/abs/path").exists());
+    }
+
+    #[test]
+    fn file_through_a_relative_symlink_stays_inside() {
+        let tar = Layer::new()
+            .link(EntryType::Symlink, "evil", "../../outside")
+            .file("evil/pwned", b"pwned")
+            .finish();
+        let (env, result) = hostile(&tar);
+        assert_refused(result, "evil/pwned", "does not exist in this layer");
+        assert!(!env.outside.join("pwned").exists());
+
+        // When the target exists inside the layer, the write lands there.
+        let tar = Layer::new()
+            .dir("outside/")
+            .link(EntryType::Symlink, "evil", "../../outside")
+            .file("evil/pwned", b"pwned")
+            .finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert!(env.dest.join("outside/pwned").is_file());
+    }
+
+    #[test]
+    fn file_through_an_absolute_symlink_stays_inside() {
+        let marker = fresh();
+        let target = marker.outside.to_str().unwrap().to_owned();
+        let tar = Layer::new()
+            .link(EntryType::Symlink, "evil", &target)
+            .file("evil/pwned", b"pwned")
+            .finish();
+        let before = snapshot(&marker.outside);
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "evil/pwned", "does not exist in this layer");
+        assert_eq!(before, snapshot(&marker.outside));
+
+        let tar = Layer::new()
+            .link(EntryType::Symlink, "evil", "/")
+            .file("evil/etc/pwned", b"pwned")
+            .finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert!(env.dest.join("etc/pwned").is_file());
+        assert!(!Path::new("/etc/pwned").exists());
+    }
+
+    #[test]
+    fn hardlinks_outside_are_refused() {
+        let tar = Layer::new()
+            .link(EntryType::Link, "stolen", "../outside/secret")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "stolen", "does not exist in this layer");
+
+        let tar = Layer::new()
+            .link(EntryType::Link, "passwd", "/etc/passwd")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "passwd", "does not exist in this layer");
+
+        // Through a symlink to the host's /etc: resolved inside the layer, so still absent.
+        let tar = Layer::new()
+            .link(EntryType::Symlink, "hostetc", "/etc")
+            .link(EntryType::Link, "passwd", "hostetc/passwd")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "passwd", "does not exist in this layer");
+        // A symlink to itself (`/etc` inside the layer is the link `etc`).
+        let tar = Layer::new()
+            .link(EntryType::Symlink, "etc", "/etc")
+            .link(EntryType::Link, "passwd", "etc/passwd")
+            .file("etc/x", b"")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "passwd", "symlink loop");
+
+        // Not yet existing (later in the archive) and non-regular targets.
+        let tar = Layer::new()
+            .link(EntryType::Link, "early", "late")
+            .file("late", b"x")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "early", "does not exist in this layer");
+        let tar = Layer::new()
+            .dir("d/")
+            .link(EntryType::Link, "dlink", "d")
+            .finish();
+        let (_env, result) = hostile(&tar);
+        assert_refused(result, "dlink", "not a regular file");
+    }
+
+    #[test]
+    fn forged_overlay_xattrs_are_dropped() {
+        let tar = Layer::new()
+            .pax(&[("SCHILY.xattr.trusted.overlay.opaque", b"y")])
+            .dir("d/")
+            .pax(&[
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+                ("SCHILY.xattr.user.overlay.opaque", b"y"),
+            ])
+            .file("f", b"x")
+            .finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert_eq!(xattr(&env.dest.join("d"), OPAQUE_XATTR), None);
+        assert_eq!(xattr(&env.dest.join("f"), "trusted.overlay.redirect"), None);
+        assert_eq!(xattr(&env.dest.join("f"), "user.overlay.opaque"), None);
+    }
+
+    #[test]
+    fn devices_and_whiteouts_cannot_escape() {
+        let mut dev = header(b"../outside/sda", EntryType::Block, 0);
+        dev.set_device_major(8).unwrap();
+        dev.set_device_minor(0).unwrap();
+        let tar = Layer::new()
+            .raw(dev, b"")
+            .file("../outside/.wh.secret", b"")
+            .finish();
+        let (env, result) = hostile(&tar);
+        result.unwrap();
+        assert!(is_whiteout(&env.dest.join("outside/secret")));
+        assert!(env.outside.join("secret").is_file());
+    }
+
+    #[test]
+    fn quota_on_bytes() {
+        let tar = Layer::new()
+            .file("a", &[1; 600])
+            .file("b", &[2; 600])
+            .finish();
+        let env = fresh();
+        let limits = UnpackLimits {
+            max_bytes: 1000,
+            max_entries: 100,
+        };
+        let result = unpack_layer(&tar[..], Compression::None, &env.dest, &limits);
+        assert_refused(result, "b", "exceeds the quota of 1000 bytes");
+        assert!(
+            !env.dest.join("b").exists(),
+            "nothing of the entry over quota written"
+        );
+    }
+
+    #[test]
+    fn quota_on_entries() {
+        let tar = Layer::new()
+            .file("a", b"")
+            .file("b", b"")
+            .file("c", b"")
+            .finish();
+        let env = fresh();
+        let limits = UnpackLimits {
+            max_bytes: 1000,
+            max_entries: 2,
+        };
+        let result = unpack_layer(&tar[..], Compression::None, &env.dest, &limits);
+        assert_refused(result, "c", "exceeds the quota of 2 entries");
+    }
+
+    /// A tar stream of one file of `size` zero bytes, generated lazily, counting what is read.
+    struct Bomb {
+        header: Vec<u8>,
+        pos: u64,
+        total: u64,
+        read: Rc<Cell<u64>>,
+    }
+
+    impl Bomb {
+        fn new(size: u64, read: Rc<Cell<u64>>) -> Bomb {
+            let mut h = header(b"bomb", EntryType::Regular, size);
+            h.set_cksum();
+            Bomb {
+                header: h.as_bytes().to_vec(),
+                pos: 0,
+                total: 512 + size,
+                read,
+            }
+        }
+    }
+
+    impl Read for Bomb {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let left = self.total - self.pos;
+            let n = (buf.len() as u64).min(left) as usize;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                let p = self.pos + i as u64;
+                *b = if p < 512 { self.header[p as usize] } else { 0 };
+            }
+            self.pos += n as u64;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn zstd_bomb_stops_at_the_quota() {
+        let limits = UnpackLimits {
+            max_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        // 10 GiB of zeros inflated from a stream read lazily: refused from the header alone.
+        let read = Rc::new(Cell::new(0));
+        let env = fresh();
+        let result = unpack_layer(
+            Bomb::new(10 << 30, read.clone()),
+            Compression::None,
+            &env.dest,
+            &limits,
+        );
+        assert_refused(result, "bomb", "exceeds the quota of 1048576 bytes");
+        assert!(read.get() < 1 << 20, "read {} bytes", read.get());
+
+        // A real zstd bomb: 256 MiB of zeros in a few KiB.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        io::copy(&mut Bomb::new(256 << 20, Rc::default()), &mut enc).unwrap();
+        let blob = enc.finish().unwrap();
+        assert!(blob.len() < 1 << 20);
+        let env = fresh();
+        let result = unpack_layer(&blob[..], Compression::Zstd, &env.dest, &limits);
+        assert_refused(result, "bomb", "exceeds the quota of 1048576 bytes");
+
+        // Many small files that add up past the quota.
+        let mut layer = Layer::new();
+        for i in 0..20 {
+            layer.file(&format!("f{i}"), &[0; 100 << 10]);
+        }
+        let blob = zstd::encode_all(&layer.finish()[..], 3).unwrap();
+        let env = fresh();
+        let result = unpack_layer(&blob[..], Compression::Zstd, &env.dest, &limits);
+        assert_refused(result, "f10", "exceeds the quota of 1048576 bytes");
+    }
+
+    #[test]
+    fn oversized_headers_and_trailers_are_refused() {
+        // A PAX header of 8 MiB, which the tar crate would buffer.
+        let mut pax = header(b"PaxHeaders/x", EntryType::XHeader, 8 << 20);
+        pax.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&pax, io::repeat(b'a').take(8 << 20)).unwrap();
+        let tar = b.into_inner().unwrap();
+        let env = fresh();
+        let err = unpack(&env, &tar).unwrap_err();
+        assert!(matches!(err, UnpackError::MetadataTooLarge { .. }), "{err}");
+
+        // 2 MiB of data after the end of the archive.
+        let mut tar = Layer::new().file("a", b"x").finish();
+        tar.extend(std::iter::repeat_n(0u8, 2 << 20));
+        let env = fresh();
+        let err = unpack(&env, &tar).unwrap_err();
+        assert!(matches!(err, UnpackError::TrailingData), "{err}");
+    }
+
+    #[test]
+    fn unsupported_entries_are_refused() {
+        let mut sparse = header(b"sparse", EntryType::GNUSparse, 0);
+        sparse.as_gnu_mut().unwrap().set_real_size(0);
+        let tar = Layer::new().raw(sparse, b"").finish();
+        let env = fresh();
+        assert_refused(unpack(&env, &tar), "sparse", "GNU sparse");
+        let tar = Layer::new()
+            .raw(header(b"odd", EntryType::new(b'Z'), 0), b"")
+            .finish();
+        let env = fresh();
+        assert_refused(unpack(&env, &tar), "odd", "unsupported entry type");
+        let tar = Layer::new().file(".wh.d/x", b"").finish();
+        let env = fresh();
+        assert_refused(unpack(&env, &tar), ".wh.d/x", "whiteout");
+        let tar = Layer::new().file("f", b"").file("f/g", b"").finish();
+        let env = fresh();
+        assert_refused(unpack(&env, &tar), "f/g", "not a directory");
+        // A truncated archive.
+        let tar = Layer::new().file("a", &[1; 2000]).finish();
+        let env = fresh();
+        let err = unpack(&env, &tar[..1200]).unwrap_err();
+        assert!(err.to_string().contains("\"a\""), "{err}");
+    }
+}
