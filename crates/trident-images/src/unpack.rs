@@ -37,9 +37,12 @@
 //! # Policies
 //!
 //! - Device nodes (char/block) and FIFOs are created with `mknodat` as the layer says, like
-//!   containerd does as root. This is safe because runners mount layers `nodev` (a device
-//!   node in a layer cannot be opened as a device inside a runner) and the store directory is
-//!   root-only, so host users cannot reach them either.
+//!   containerd does as root (some base images ship `/dev/null` and friends). This is safe
+//!   because runners mount layers `nodev`, so such a node cannot be opened as a device inside
+//!   a runner, and the image store is root-only (its callers keep it `0700`), so host users
+//!   cannot reach one either. They stay confined like every entry.
+//! - Hard links must point at a regular file already unpacked from this layer (Docker and
+//!   containerd's tar writers only emit such links); others are refused.
 //! - Whiteouts: `.wh.<name>` removes `<name>` from this layer's directory and creates an
 //!   overlayfs whiteout (char device 0:0) `<name>`; `.wh..wh..opq` sets
 //!   `trusted.overlay.opaque=y` on its directory. Other `.wh..wh.` names (aufs metadata) are
@@ -61,6 +64,7 @@ use std::rc::Rc;
 
 use rustix::fs::{
     AtFlags, Dir, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
+    CWD,
 };
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -156,14 +160,17 @@ pub enum UnpackError {
         source: io::Error,
     },
     /// The stream is not a valid (compressed) tar archive, or reading it failed.
-    #[error("reading the layer (after entry {after:?}): {source}")]
+    #[error("reading the layer{}: {source}", after_entry(after))]
     Read {
         after: String,
         #[source]
         source: io::Error,
     },
     /// An entry's headers (PAX records, long names) are larger than [`MAX_ENTRY_METADATA`].
-    #[error("layer entry after {after:?}: its headers exceed {MAX_ENTRY_METADATA} bytes")]
+    #[error(
+        "the layer's next entry{} has headers larger than {MAX_ENTRY_METADATA} bytes",
+        after_entry(after)
+    )]
     MetadataTooLarge { after: String },
     /// More than [`MAX_TRAILER`] bytes follow the end of the tar archive.
     #[error("the layer has more than {MAX_TRAILER} bytes after the end of its tar archive")]
@@ -175,6 +182,14 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+}
+
+fn after_entry(entry: &str) -> String {
+    if entry.is_empty() {
+        String::new()
+    } else {
+        format!(" after entry {entry:?}")
+    }
 }
 
 /// Unpacks `layer` (compressed as `compression`) into the EXISTING EMPTY directory `dest`;
@@ -409,6 +424,12 @@ impl Unpacker<'_> {
                     entry: self.last.clone(),
                     limit: self.limits.max_bytes,
                 },
+            }
+        } else if phase == Phase::Data {
+            UnpackError::Io {
+                entry: self.last.clone(),
+                op: "reading its data",
+                source,
             }
         } else {
             UnpackError::Read {
@@ -871,7 +892,19 @@ impl Unpacker<'_> {
             return Err(self.refused(format!("hard link target {shown:?} is not a regular file")));
         }
         self.clear(parent, name, false)?;
-        rustix::fs::linkat(&fd, "", parent, name, AtFlags::EMPTY_PATH).map_err(self.io("linkat"))
+        match rustix::fs::linkat(&fd, "", parent, name, AtFlags::EMPTY_PATH) {
+            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the fd's magic link in /proc does not.
+            // It names the inode we opened, so following it cannot leave the layer.
+            Err(Errno::NOENT) | Err(Errno::PERM) => rustix::fs::linkat(
+                CWD,
+                format!("/proc/self/fd/{}", fd.as_raw_fd()),
+                parent,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            ),
+            other => other,
+        }
+        .map_err(self.io("linkat"))
     }
 
     fn node<R: Read>(
@@ -1372,6 +1405,22 @@ mod tests {
     }
 
     #[test]
+    fn v7_directories_and_errors_cross_threads() {
+        let env = fresh();
+        let tar = Layer::new()
+            .raw(header(b"olddir/", EntryType::new(b'0'), 0), b"")
+            .raw(header(b"contig", EntryType::Continuous, 2), b"ok")
+            .finish();
+        unpack(&env, &tar).unwrap();
+        assert!(env.dest.join("olddir").is_dir());
+        assert_eq!(std::fs::read(env.dest.join("contig")).unwrap(), b"ok");
+        // Callers hand errors back from spawn_blocking.
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<UnpackError>();
+        send_sync::<UnpackReport>();
+    }
+
+    #[test]
     fn media_types() {
         use Compression::*;
         for (mt, c) in [
@@ -1713,7 +1762,15 @@ mod tests {
         // A truncated archive.
         let tar = Layer::new().file("a", &[1; 2000]).finish();
         let env = fresh();
-        let err = unpack(&env, &tar[..1200]).unwrap_err();
-        assert!(err.to_string().contains("\"a\""), "{err}");
+        let err = unpack(&env, &tar[..1200]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("layer entry \"a\": reading its data"),
+            "{err}"
+        );
+        let env = fresh();
+        let err = unpack(&env, b"not a tar archive at all")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("reading the layer: "), "{err}");
     }
 }
