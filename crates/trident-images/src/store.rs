@@ -116,7 +116,8 @@ struct Entry {
     error: Option<ImageError>,
     /// Failed attempts so far; `pull()` waits for this to move.
     failures: u64,
-    /// Bumped when a new task takes over; an older task seeing a different value stops.
+    /// Set when a new task takes over (unique in the process, so a name removed and
+    /// requested again never matches an old task); a task seeing another value stops.
     generation: u64,
     task: Option<tokio::task::AbortHandle>,
 }
@@ -132,10 +133,15 @@ impl Entry {
             digest: None,
             error: None,
             failures: 0,
-            generation: 0,
+            generation: next_generation(),
             task: None,
         }
     }
+}
+
+fn next_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 #[derive(Default)]
@@ -385,13 +391,15 @@ impl ImageStore {
                 if let Some(t) = e.task.take() {
                     t.abort();
                 }
-                e.generation += 1;
+                e.generation = next_generation();
                 e.state = ImageState::Pulling;
                 e.generation
             }
             None => {
-                inner.entries.insert(key.clone(), Entry::new());
-                0
+                let e = Entry::new();
+                let generation = e.generation;
+                inner.entries.insert(key.clone(), e);
+                generation
             }
         };
         if inner.pending.insert(key.clone()) {
@@ -703,8 +711,20 @@ impl ImageStore {
         tracing::info!(image = %key, digest = %resolved.digest, registry = %resolved.endpoint.host, layers = resolved.layers.len(), bytes = total, "resolved image");
         self.put_blob_bytes(&resolved.manifest, &resolved.digest)?;
         self.put_blob_bytes(&resolved.config_bytes, &resolved.config.digest)?;
+        // Progress goes to the log at every quarter of the download.
+        let logged_quarter = std::sync::atomic::AtomicU64::new(0);
         for (i, layer) in resolved.layers.iter().enumerate() {
-            let mut progress = |n: u64| self.update(key, generation, |e| e.bytes_done += n);
+            let mut progress = |n: u64| {
+                let mut done = 0;
+                self.update(key, generation, |e| {
+                    e.bytes_done += n;
+                    done = e.bytes_done;
+                });
+                let quarter = (done * 4).checked_div(total).unwrap_or(4);
+                if quarter > logged_quarter.swap(quarter, Ordering::Relaxed) {
+                    tracing::info!(image = %key, bytes_done = done, bytes_total = total, "pull progress");
+                }
+            };
             self.ensure_layer(
                 layer,
                 &diff_ids[i],
@@ -932,7 +952,7 @@ impl ImageStore {
             if let Some(t) = e.task.take() {
                 t.abort();
             }
-            e.generation += 1;
+            e.generation = next_generation();
             e.state = ImageState::Ready;
             e.error = None;
             e.bytes_total = record.layers.iter().map(|l| l.size).sum();
