@@ -18,7 +18,7 @@ pub const DEFAULT_MAX_LAYER_BYTES: u64 = 8 << 30;
 // No `deny_unknown_fields`: the server flattens this into its own config.
 #[serde(default)]
 pub struct RegistryConfig {
-    /// Credentials per registry host[:port] as written in a reference (`docker.io` also
+    /// Credentials per registry host\[:port\] as written in a reference (`docker.io` also
     /// matches `index.docker.io` and `registry-1.docker.io`). Wins over `docker_config`.
     pub registry_auth: BTreeMap<String, Credentials>,
     /// Docker's `config.json`; its `auths` entries (`auth` = base64(user:pass), or

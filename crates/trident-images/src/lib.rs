@@ -2,7 +2,7 @@
 //! (auth, mirrors, insecure registries), offline archives, and a content-addressed store in
 //! the data dir where each layer is unpacked once and shared by every image and runner.
 //!
-//! - [`reference`]: `python:3.12` -> `docker.io/library/python:3.12`.
+//! - [`mod@reference`]: `python:3.12` -> `docker.io/library/python:3.12`.
 //! - [`config`]: credentials, insecure registries, mirrors, the layer quota.
 //! - `registry`: `oci-client` with our endpoint choice, verification and error messages.
 //! - [`archive`]: `docker-archive:`, `oci-archive:` and `oci:` sources.

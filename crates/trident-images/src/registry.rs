@@ -23,7 +23,7 @@ use crate::ImageError;
 pub(crate) struct Endpoint {
     /// The reference as `oci-client` resolves it (a mirror set if this is one).
     pub reference: Reference,
-    /// host[:port] actually contacted, for messages.
+    /// host\[:port\] actually contacted, for messages.
     pub host: String,
     pub auth: RegistryAuth,
     has_credentials: bool,
