@@ -231,6 +231,14 @@ impl ImageStore {
     /// requested). Needs no runtime; `request`/`pull` need a tokio runtime.
     pub fn open(root: PathBuf, config: RegistryConfig) -> Result<Arc<ImageStore>, ImageError> {
         let registry = Registry::new(&config)?;
+        // Root only: layers hold strangers' setuid files and device nodes (runners see them
+        // through nosuid,nodev mounts; host users must not reach them at all).
+        std::fs::create_dir_all(&root)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| ImageError::io(format!("create {}", root.display()), e))?;
         for d in ["blobs/sha256", "partial", "layers", "images"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p)
@@ -1023,7 +1031,12 @@ fn unpack_aside(
     diff_id: &str,
     digest: &str,
 ) -> Result<(), ImageError> {
-    std::fs::create_dir(tmp).map_err(|e| ImageError::io(format!("create {}", tmp.display()), e))?;
+    use std::os::unix::fs::DirBuilderExt;
+    // 0755 unless the layer's own `./` entry says otherwise.
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(tmp)
+        .map_err(|e| ImageError::io(format!("create {}", tmp.display()), e))?;
     let file =
         std::fs::File::open(blob).map_err(|e| ImageError::io(format!("open blob {digest}"), e))?;
     let report = unpack::unpack_layer(std::io::BufReader::new(file), compression, tmp, limits)
@@ -1049,14 +1062,16 @@ fn unpack_aside(
 }
 
 fn unpack_error(digest: &str, e: unpack::UnpackError) -> ImageError {
+    use unpack::UnpackError as U;
     let text = crate::registry::error_chain(&e);
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("quota") || lower.contains("too big") || lower.contains("bigger") {
-        ImageError::Quota(format!("layer {digest}: {text}"))
-    } else if lower.contains("i/o") || lower.contains("no space") {
-        ImageError::Io(format!("layer {digest}: {text}"))
-    } else {
-        ImageError::Refused(format!("layer {digest} refused: {text}"))
+    match e {
+        U::TooLarge { .. } | U::TooManyEntries { .. } => {
+            ImageError::Quota(format!("layer {digest}: {text}"))
+        }
+        U::Io { .. } | U::Dest { .. } => ImageError::Io(format!("layer {digest}: {text}")),
+        U::Refused { .. } | U::Read { .. } | U::MetadataTooLarge { .. } | U::TrailingData => {
+            ImageError::Refused(format!("layer {digest} refused: {text}"))
+        }
     }
 }
 
