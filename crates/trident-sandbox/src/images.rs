@@ -6,6 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use serde::Deserialize;
 
 use crate::spec::RootfsSource;
 
@@ -16,25 +19,99 @@ pub const HOST_IMAGE: &str = "host";
 pub enum ImageSource {
     Host,
     Directory(PathBuf),
+    /// Unpacked layer directories, bottom first (overlayfs whiteouts and opaque directories
+    /// in them), and the image config's `Env` (`K=V`): the base environment of executions.
+    Layers {
+        layers: Vec<PathBuf>,
+        env: Vec<String>,
+    },
 }
 
-#[derive(Debug, Clone, Default)]
+/// What a runner of an image is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedImage {
+    pub rootfs: RootfsSource,
+    /// The image's environment (`K=V`); empty: trident's default environment.
+    pub env: Vec<String>,
+}
+
+impl ResolvedImage {
+    fn bare(rootfs: RootfsSource) -> ResolvedImage {
+        ResolvedImage {
+            rootfs,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// One value of the config's `images:` table: `host`, an absolute root filesystem
+/// directory, or `{layers: [bottom, ..., top], env: ["K=V", ...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ImageEntry {
+    Path(String),
+    Layers(LayersEntry),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayersEntry {
+    pub layers: Vec<PathBuf>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// Images known by something other than the table (the image store): asked for names the
+/// table does not have. `None`: not one of its images.
+pub trait ImageResolver: Send + Sync {
+    fn resolve(&self, name: &str) -> Option<Result<ImageSource, String>>;
+}
+
+/// Image names and what they are. Clones share one table: an image registered through any
+/// clone (e.g. the integrator's, after a pull) is seen by the backend holding another.
+#[derive(Clone, Default)]
 pub struct Images {
-    table: BTreeMap<String, ImageSource>,
+    inner: Arc<RwLock<Inner>>,
 }
 
-impl Images {
-    /// `table` maps image names to `host` or to a root filesystem directory.
-    pub fn new(table: BTreeMap<String, String>) -> Result<Images, String> {
-        let mut images = Images::default();
-        for (name, target) in table {
-            let source = if target == HOST_IMAGE {
-                ImageSource::Host
-            } else {
+#[derive(Default)]
+struct Inner {
+    table: BTreeMap<String, ImageSource>,
+    resolver: Option<Arc<dyn ImageResolver>>,
+}
+
+impl std::fmt::Debug for Images {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Images")
+            .field("table", &inner.table)
+            .field("resolver", &inner.resolver.is_some())
+            .finish()
+    }
+}
+
+impl ImageSource {
+    /// A pulled (or hand-made) image: its layer directories bottom first, its config's
+    /// `Env`. The paths must be absolute; there must be at least one layer.
+    pub fn layers(layers: Vec<PathBuf>, env: Vec<String>) -> Result<ImageSource, String> {
+        if layers.is_empty() {
+            return Err("an image needs at least one layer".into());
+        }
+        if let Some(bad) = layers.iter().find(|l| !l.is_absolute()) {
+            return Err(format!("layer {} must be an absolute path", bad.display()));
+        }
+        Ok(ImageSource::Layers { layers, env })
+    }
+
+    fn from_entry(name: &str, entry: ImageEntry) -> Result<ImageSource, String> {
+        match entry {
+            ImageEntry::Path(target) if target == HOST_IMAGE => Ok(ImageSource::Host),
+            ImageEntry::Path(target) => {
                 let path = PathBuf::from(&target);
                 if !path.is_absolute() {
                     return Err(format!(
-                        "image {name}: {target} must be `host` or an absolute directory path"
+                        "image {name}: {target} must be `host`, an absolute directory path or \
+                         {{layers: [...], env: [...]}}"
                     ));
                 }
                 if target.contains([',', ':']) {
@@ -42,19 +119,79 @@ impl Images {
                         "image {name}: the path {target} may not contain ',' or ':'"
                     ));
                 }
-                ImageSource::Directory(path)
-            };
-            images.table.insert(name, source);
+                Ok(ImageSource::Directory(path))
+            }
+            ImageEntry::Layers(LayersEntry { layers, env }) => {
+                ImageSource::layers(layers, env).map_err(|e| format!("image {name}: {e}"))
+            }
+        }
+    }
+}
+
+impl Images {
+    /// `table` maps image names to `host` or to a root filesystem directory.
+    pub fn new(table: BTreeMap<String, String>) -> Result<Images, String> {
+        Images::from_entries(
+            table
+                .into_iter()
+                .map(|(name, target)| (name, ImageEntry::Path(target)))
+                .collect(),
+        )
+    }
+
+    /// The config's `images:` table.
+    pub fn from_entries(table: BTreeMap<String, ImageEntry>) -> Result<Images, String> {
+        let images = Images::default();
+        for (name, entry) in table {
+            let source = ImageSource::from_entry(&name, entry)?;
+            images.insert(&name, source);
         }
         Ok(images)
     }
 
-    pub fn resolve(&self, name: &str) -> Result<RootfsSource, String> {
-        match self.table.get(name) {
-            Some(ImageSource::Host) => Ok(RootfsSource::Host),
-            Some(ImageSource::Directory(dir)) => {
+    /// Registers (or replaces) an image; runners made from now on use it.
+    pub fn insert(&self, name: &str, source: ImageSource) {
+        self.write().table.insert(name.to_string(), source);
+    }
+
+    /// Forgets an image (runners of it keep running).
+    pub fn remove(&self, name: &str) -> Option<ImageSource> {
+        self.write().table.remove(name)
+    }
+
+    /// Asks `resolver` for names the table does not have.
+    pub fn set_resolver(&self, resolver: Arc<dyn ImageResolver>) {
+        self.write().resolver = Some(resolver);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn resolve(&self, name: &str) -> Result<ResolvedImage, String> {
+        let (source, resolver) = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            (inner.table.get(name).cloned(), inner.resolver.clone())
+        };
+        let source = match source {
+            Some(source) => source,
+            None if name == HOST_IMAGE => ImageSource::Host,
+            None => match resolver.and_then(|r| r.resolve(name)) {
+                Some(found) => found?,
+                None => {
+                    return Err(format!(
+                        "image {name:?} is not available on this server: use \"host\", or map \
+                         the name to \"host\" or to a root filesystem directory in the \
+                         `images:` table of the config file"
+                    ))
+                }
+            },
+        };
+        match source {
+            ImageSource::Host => Ok(ResolvedImage::bare(RootfsSource::Host)),
+            ImageSource::Directory(dir) => {
                 if dir.join("bin").exists() || dir.join("usr").is_dir() {
-                    Ok(RootfsSource::Directory(dir.clone()))
+                    Ok(ResolvedImage::bare(RootfsSource::Directory(dir)))
                 } else {
                     // The directory is named in the operator's config, never to clients.
                     Err(format!(
@@ -63,11 +200,23 @@ impl Images {
                     ))
                 }
             }
-            None if name == HOST_IMAGE => Ok(RootfsSource::Host),
-            None => Err(format!(
-                "image {name:?} is not available on this server: use \"host\", or map the name to \
-                 \"host\" or to a root filesystem directory in the `images:` table of the config file"
-            )),
+            ImageSource::Layers { layers, env } => {
+                // Layer paths are the store's (or the operator's), never told to clients.
+                if let Some(i) = layers.iter().position(|l| !l.is_dir()) {
+                    return Err(format!(
+                        "image {name:?} is incomplete: its layer {} of {} is missing",
+                        i + 1,
+                        layers.len()
+                    ));
+                }
+                if layers.is_empty() {
+                    return Err(format!("image {name:?} has no layers"));
+                }
+                Ok(ResolvedImage {
+                    rootfs: RootfsSource::Layers(layers),
+                    env,
+                })
+            }
         }
     }
 }
@@ -79,7 +228,7 @@ mod tests {
     #[test]
     fn host_is_built_in_and_unknown_names_explain_themselves() {
         let images = Images::new(BTreeMap::new()).unwrap();
-        assert_eq!(images.resolve("host"), Ok(RootfsSource::Host));
+        assert_eq!(images.resolve("host").unwrap().rootfs, RootfsSource::Host);
         let err = images.resolve("python:3.12").unwrap_err();
         assert!(err.contains("images:"), "{err}");
     }
@@ -99,10 +248,76 @@ mod tests {
             ("root".to_string(), "/".to_string()),
         ]);
         let images = Images::new(table).unwrap();
-        assert_eq!(images.resolve("py"), Ok(RootfsSource::Host));
+        assert_eq!(images.resolve("py").unwrap().rootfs, RootfsSource::Host);
         assert_eq!(
-            images.resolve("root"),
-            Ok(RootfsSource::Directory("/".into()))
+            images.resolve("root").unwrap(),
+            ResolvedImage {
+                rootfs: RootfsSource::Directory("/".into()),
+                env: vec![]
+            }
         );
+    }
+
+    #[test]
+    fn layered_images_are_registered_at_run_time_and_seen_by_every_clone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (bottom, top) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir(&bottom).unwrap();
+        std::fs::create_dir(&top).unwrap();
+        let images = Images::new(BTreeMap::new()).unwrap();
+        let backends_copy = images.clone();
+        assert!(backends_copy.resolve("python:3.12").is_err());
+        let env = vec!["PATH=/usr/local/bin:/usr/bin".to_string()];
+        images.insert(
+            "python:3.12",
+            ImageSource::layers(vec![bottom.clone(), top.clone()], env.clone()).unwrap(),
+        );
+        assert_eq!(
+            backends_copy.resolve("python:3.12").unwrap(),
+            ResolvedImage {
+                rootfs: RootfsSource::Layers(vec![bottom, top.clone()]),
+                env
+            }
+        );
+        // A layer gone (collected, or a half-removed store) is an error naming no path.
+        std::fs::remove_dir(&top).unwrap();
+        let err = backends_copy.resolve("python:3.12").unwrap_err();
+        assert!(err.contains("layer 2 of 2") && !err.contains('/'), "{err}");
+        assert!(images.remove("python:3.12").is_some());
+        assert!(backends_copy.resolve("python:3.12").is_err());
+        assert!(ImageSource::layers(vec![], vec![]).is_err());
+        assert!(ImageSource::layers(vec!["rel".into()], vec![]).is_err());
+    }
+
+    #[test]
+    fn a_resolver_answers_for_names_the_table_lacks() {
+        struct Store;
+        impl ImageResolver for Store {
+            fn resolve(&self, name: &str) -> Option<Result<ImageSource, String>> {
+                (name == "pulling").then(|| Err("still being pulled".to_string()))
+            }
+        }
+        let images = Images::new(BTreeMap::new()).unwrap();
+        images.set_resolver(Arc::new(Store));
+        assert_eq!(images.resolve("pulling").unwrap_err(), "still being pulled");
+        assert!(images.resolve("other").unwrap_err().contains("images:"));
+        assert_eq!(images.resolve("host").unwrap().rootfs, RootfsSource::Host);
+    }
+
+    #[test]
+    fn the_config_table_takes_layers_and_env() {
+        let yaml = r#"{"a": "host", "b": {"layers": ["/l/0", "/l/1"], "env": ["K=V"]}}"#;
+        let table: BTreeMap<String, ImageEntry> = serde_json::from_str(yaml).unwrap();
+        let images = Images::from_entries(table).unwrap();
+        let inner = images.inner.read().unwrap();
+        assert_eq!(
+            inner.table["b"],
+            ImageSource::Layers {
+                layers: vec!["/l/0".into(), "/l/1".into()],
+                env: vec!["K=V".into()]
+            }
+        );
+        let bad = r#"{"b": {"layers": ["/l/0"], "envs": []}}"#;
+        assert!(serde_json::from_str::<BTreeMap<String, ImageEntry>>(bad).is_err());
     }
 }

@@ -30,6 +30,7 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use crate::cgroup::{Cgroups, Limits};
 use crate::confine::{self, Filters};
 use crate::fileops;
+use crate::lowers::Mapping;
 use crate::protocol::{recv_frame, send_frame, ExecRequest, Request, Response};
 use crate::rootfs;
 use crate::spec::{InitSpec, IDS_PER_RUNNER, USER_NAME, WORKSPACE};
@@ -62,9 +63,10 @@ pub fn main(dir: &Path) -> ! {
         Ok(spec) => spec,
         Err(e) => fail(&mut ready, &format!("reading the runner spec: {e}")),
     };
-    if let Err(e) = enter_cgroup_and_namespaces(&spec) {
-        fail(&mut ready, &e.to_string());
-    }
+    let userns = match enter_cgroup_and_namespaces(&spec) {
+        Ok(userns) => userns,
+        Err(e) => fail(&mut ready, &e.to_string()),
+    };
     // P1 asks P0 (still root on the host) to write its user namespace's id maps. P0 shares
     // P1's mount namespace, so by then its /proc is the runner's: it keeps the host's open.
     let host_proc = match File::open("/proc") {
@@ -88,11 +90,12 @@ pub fn main(dir: &Path) -> ! {
                     ask: ask_w,
                     done: done_r,
                 },
+                userns,
             )
         }
         Ok(ForkResult::Parent { child }) => {
             drop(ready);
-            drop((ask_w, done_r));
+            drop((ask_w, done_r, userns));
             map_ids_when_asked(&spec, &host_proc, child, ask_r, done_w);
             drop(host_proc);
             loop {
@@ -148,7 +151,11 @@ fn fail(ready: &mut File, message: &str) -> ! {
     std::process::exit(1)
 }
 
-fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
+/// The namespaces P1 is born into, and (if it could be made) a user namespace with the
+/// runner's id maps for idmapped lower layers: the error says why not.
+type IdmapUserns = Result<OwnedFd, String>;
+
+fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<IdmapUserns> {
     let cgroups = Cgroups::detect()?;
     let limits = Limits {
         memory_bytes: spec.memory_bytes,
@@ -172,13 +179,18 @@ fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<()> {
     if let Some(network) = &spec.network {
         crate::network::connect_runner(network)?;
     }
-    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| io::Error::other(format!("unshare(pid): {e}")))
+    // Made here, while /proc is still the host's and before the pid namespace (whose first
+    // child must be P1).
+    let userns = crate::lowers::idmap_userns(spec.uid_base).map_err(|e| e.to_string());
+    unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(|e| io::Error::other(format!("unshare(pid): {e}")))?;
+    Ok(userns)
 }
 
 /// P1: pid 1 of the runner.
-fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
-    let listener = match build_runner(spec, id_maps) {
-        Ok(listener) => listener,
+fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: IdmapUserns) -> ! {
+    let (listener, mapping) = match build_runner(spec, id_maps, userns) {
+        Ok(built) => built,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
     let filters = match confine::compile() {
@@ -193,7 +205,13 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
     }
     // The server reads the other end. If it died while we were starting, nobody will ever
     // use or record this runner: end it now (the next start's janitor removes the rest).
-    if ready.write_all(READY.as_bytes()).is_err() {
+    // A runner whose lowers are not idmapped works, with the image's files owned by the
+    // overflow id: the server logs why (once).
+    let word = match mapping {
+        Mapping::Idmapped => READY.to_string(),
+        Mapping::Plain(why) => format!("{READY}\n{why}"),
+    };
+    if ready.write_all(word.as_bytes()).is_err() {
         eprintln!("runner-init: the server went away while the runner started");
         std::process::exit(3);
     }
@@ -233,7 +251,11 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel) -> ! {
     }
 }
 
-fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListener> {
+fn build_runner(
+    spec: &InitSpec,
+    id_maps: IdMapChannel,
+    userns: IdmapUserns,
+) -> io::Result<(UnixListener, Mapping)> {
     mount(
         None::<&str>,
         "/",
@@ -242,7 +264,15 @@ fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListen
         None::<&str>,
     )
     .map_err(|e| io::Error::other(format!("making mounts private: {e}")))?;
-    let root = rootfs::build(spec)?;
+    let (root, mapping) = match &userns {
+        Ok(userns) => rootfs::build(spec, Some(userns))?,
+        Err(why) => match rootfs::build(spec, None)? {
+            (root, Mapping::Plain(_)) => (root, Mapping::Plain(why.clone())),
+            built => built,
+        },
+    };
+    // Nothing of the runner may ever reach that namespace.
+    drop(userns);
     // Bound before the pivot, so that the socket lives at a stable host path.
     let socket = spec.socket_path();
     let _ = std::fs::remove_file(&socket);
@@ -255,7 +285,7 @@ fn build_runner(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<UnixListen
     // (an execution's own processes stay debuggable).
     nix::sys::prctl::set_dumpable(false)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    Ok(listener)
+    Ok((listener, mapping))
 }
 
 /// Becomes root of a fresh user namespace whose ids map to an unprivileged host range.
@@ -399,7 +429,12 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
     unshare(CloneFlags::CLONE_NEWPID).map_err(io::Error::other)?;
     let request = ctx.request;
     let argv = shell_argv(&request.command);
-    let envp = environment_for(request.privileged, &request.environment, request.tty);
+    let envp = environment_for(
+        request.privileged,
+        &ctx.spec.image_env,
+        &request.environment,
+        request.tty,
+    );
     // SAFETY: single-threaded process.
     let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
         ForkResult::Child => exec_init(ctx, &fds, &argv, &envp, stream),
@@ -465,7 +500,15 @@ fn shell_argv(command: &str) -> Vec<CString> {
         .collect()
 }
 
-fn environment_for(privileged: bool, extra: &[(String, String)], tty: bool) -> Vec<CString> {
+/// The environment of an execution: trident's defaults (or, for an image with an `Env`,
+/// that environment over PATH, HOME, USER and LOGNAME defaults, as Docker fills in PATH and
+/// HOME), then `extra` (CODEOCEAN=true and the client's variables) on top.
+fn environment_for(
+    privileged: bool,
+    image_env: &[String],
+    extra: &[(String, String)],
+    tty: bool,
+) -> Vec<CString> {
     let (user, home) = if privileged {
         ("root", "/root")
     } else {
@@ -479,14 +522,24 @@ fn environment_for(privileged: bool, extra: &[(String, String)], tty: bool) -> V
         ("HOME".into(), home.into()),
         ("USER".into(), user.into()),
         ("LOGNAME".into(), user.into()),
-        ("LANG".into(), "C.UTF-8".into()),
     ];
+    if image_env.is_empty() {
+        vars.push(("LANG".into(), "C.UTF-8".into()));
+    }
     if tty {
         vars.push(("TERM".into(), "xterm".into()));
     }
-    for (k, v) in extra {
-        vars.retain(|(existing, _)| existing != k);
-        vars.push((k.clone(), v.clone()));
+    // The image's entries are the image maker's: one without `=` or with an empty name is
+    // skipped, as a shell would never see it either.
+    let image = image_env
+        .iter()
+        .filter_map(|entry| entry.split_once('='))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    let extra = extra.iter().cloned();
+    for (k, v) in image.chain(extra) {
+        vars.retain(|(existing, _)| *existing != k);
+        vars.push((k, v));
     }
     vars.into_iter()
         .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
@@ -599,4 +652,70 @@ fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[C
     }
     let _ = nix::unistd::execve(&argv[0], argv, envp);
     fail("exec")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(privileged: bool, image: &[&str], extra: &[(&str, &str)]) -> Vec<String> {
+        let image: Vec<String> = image.iter().map(|s| s.to_string()).collect();
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        environment_for(privileged, &image, &extra, false)
+            .into_iter()
+            .map(|c| c.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn without_an_image_env_executions_get_the_defaults() {
+        let vars = env(false, &[], &[("CODEOCEAN", "true")]);
+        assert!(vars.contains(&"LANG=C.UTF-8".to_string()));
+        assert!(vars.contains(&"HOME=/workspace".to_string()));
+        assert!(vars.contains(&"USER=user".to_string()));
+        assert!(vars.contains(&"CODEOCEAN=true".to_string()));
+        assert!(vars.iter().any(|v| v.starts_with("PATH=/usr/local/sbin:")));
+    }
+
+    #[test]
+    fn the_image_env_is_the_base_and_the_client_wins() {
+        let vars = env(
+            true,
+            &[
+                "PATH=/opt/java/bin:/usr/bin",
+                "JAVA_HOME=/opt/java",
+                "LANG=de_DE.UTF-8",
+                "CODEOCEAN=false",
+                "NOEQUALS",
+                "=empty",
+                "EMPTY=",
+            ],
+            &[("CODEOCEAN", "true"), ("JAVA_HOME", "/client/java")],
+        );
+        let find = |k: &str| {
+            let all: Vec<&String> = vars
+                .iter()
+                .filter(|v| v.starts_with(&format!("{k}=")))
+                .collect();
+            assert!(all.len() <= 1, "{k} twice: {vars:?}");
+            all.first().map(|v| v[k.len() + 1..].to_string())
+        };
+        assert_eq!(find("PATH").as_deref(), Some("/opt/java/bin:/usr/bin"));
+        assert_eq!(find("JAVA_HOME").as_deref(), Some("/client/java"));
+        assert_eq!(find("LANG").as_deref(), Some("de_DE.UTF-8"));
+        assert_eq!(find("CODEOCEAN").as_deref(), Some("true"));
+        assert_eq!(find("HOME").as_deref(), Some("/root"));
+        assert_eq!(find("EMPTY").as_deref(), Some(""));
+        assert!(
+            !vars.iter().any(|v| v == "NOEQUALS" || v.starts_with('=')),
+            "{vars:?}"
+        );
+        // No LANG default when the image has an Env without one (as Docker).
+        let vars = env(false, &["A=b"], &[]);
+        assert!(!vars.iter().any(|v| v.starts_with("LANG=")), "{vars:?}");
+        assert!(vars.iter().any(|v| v.starts_with("PATH=")), "{vars:?}");
+    }
 }

@@ -12,6 +12,7 @@ mod fileops;
 pub mod host_limits;
 pub mod images;
 pub mod init;
+mod lowers;
 pub mod native;
 pub mod network;
 pub mod protocol;
@@ -19,5 +20,5 @@ mod rootfs;
 pub mod spec;
 mod tree;
 
-pub use images::{ImageSource, Images};
+pub use images::{ImageEntry, ImageResolver, ImageSource, Images, ResolvedImage};
 pub use native::{NativeBackend, NativeConfig};

@@ -8,13 +8,14 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
 use rustix::fs::OFlags;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
+use crate::lowers::{mount_lowers, Mapping};
 use crate::spec::{InitSpec, RootfsSource, USER_NAME, WORKSPACE};
 use crate::tree::{entries, fd_path, remove_file, replace_file, Tree};
 
@@ -23,6 +24,12 @@ use crate::tree::{entries, fd_path, remove_file, replace_file, Tree};
 const HOST_DIRS: [&str; 9] = [
     "bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt",
 ];
+
+/// Host directories that are never idmapped: they hold the host's root-only secrets (TLS
+/// keys, credentials, an application's config in /opt). Unmapped, their root-owned files
+/// belong to an id outside the runner's range, so that even root in the runner (who has
+/// CAP_DAC_OVERRIDE over what its namespace maps) cannot read a 0600 file there.
+const HOST_UNMAPPED: [&str; 2] = ["etc", "opt"];
 
 /// Device nodes bound from the host into the runner's minimal /dev.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -48,9 +55,21 @@ fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
 /// `work`) on `target`. The layer paths are given relative to `layer` (the mount is made
 /// from there): a runner reads the overlay's options in its /proc/self/mountinfo, and must
 /// not learn host paths (the data dir, runner ids) from them.
+///
+/// nosuid and nodev: the image's setuid binaries and device nodes grant nothing (with
+/// idmapped lowers a setuid-root file is owned by the runner's root).
+///
+/// The merged root takes its owner and mode from the upper dir: it gets those of the
+/// topmost lower's root (`lowerdir`'s first entry) as the mapping shows them, so that root
+/// in the runner may create files in an idmapped `/usr` or `/` as it would in the image.
 fn overlay(lower: &str, layer: &Path, target: &Path) -> io::Result<()> {
-    mkdir_mode(&layer.join("upper"), 0o755)?;
+    let upper = layer.join("upper");
+    mkdir_mode(&upper, 0o755)?;
     mkdir_mode(&layer.join("work"), 0o700)?;
+    let top = layer.join(lower.split(':').next().unwrap_or(lower));
+    let meta = fs::metadata(&top)?;
+    std::os::unix::fs::chown(&upper, Some(meta.uid()), Some(meta.gid()))?;
+    fs::set_permissions(&upper, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     let opts = format!("lowerdir={lower},upperdir=upper,workdir=work");
     let here = std::env::current_dir()?;
     nix::unistd::chdir(layer).map_err(io::Error::other)?;
@@ -60,7 +79,7 @@ fn overlay(lower: &str, layer: &Path, target: &Path) -> io::Result<()> {
             Some("overlay"),
             target,
             Some("overlay"),
-            MsFlags::empty(),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some(opts.as_str()),
         ),
     );
@@ -68,13 +87,14 @@ fn overlay(lower: &str, layer: &Path, target: &Path) -> io::Result<()> {
     mounted
 }
 
-/// Mounts everything under `<dir>/root` and returns that path. Runs as pid 1 of the runner's
-/// pid namespace, in its own (already private) mount namespace.
+/// Mounts everything under `<dir>/root` and returns that path, and how the lowers were
+/// mapped. Runs as pid 1 of the runner's pid namespace, in its own (already private) mount
+/// namespace. `userns` (a namespace with the runner's id maps) idmaps the lower layers.
 ///
 /// Until the root is mounted, every path is trident's own (the runner directory, the
 /// writable tmpfs, the host's system directories). From then on the tree may be an image's,
 /// made by a stranger: everything is done through [`Tree`], inside it.
-pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
+pub fn build(spec: &InitSpec, userns: Option<&OwnedFd>) -> io::Result<(PathBuf, Mapping)> {
     let rw = spec.dir.join("rw");
     let root = spec.dir.join("root");
     mkdir_mode(&rw, 0o700)?;
@@ -93,7 +113,7 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
     let layers = rw.join("layers");
     mkdir_mode(&layers, 0o700)?;
 
-    match &spec.rootfs {
+    let mapping = match &spec.rootfs {
         RootfsSource::Host => {
             let base = rw.join("root");
             mkdir_mode(&base, 0o755)?;
@@ -101,6 +121,7 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
                 "bind root",
                 mount(Some(&base), &root, none(), MsFlags::MS_BIND, none()),
             )?;
+            let (mut mapped, mut unmapped) = (Vec::new(), Vec::new());
             for name in HOST_DIRS {
                 let host = Path::new("/").join(name);
                 let Ok(meta) = fs::symlink_metadata(&host) else {
@@ -113,29 +134,55 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
                     mkdir_mode(&target, 0o755)?;
                     let layer = layers.join(name);
                     mkdir_mode(&layer, 0o700)?;
-                    // The host's own system directory: its path is no secret.
-                    overlay(&host.to_string_lossy(), &layer, &target)?;
+                    mkdir_mode(&layer.join("lower"), 0o755)?;
+                    let pair = (host, layer.join("lower"));
+                    if HOST_UNMAPPED.contains(&name) {
+                        unmapped.push(pair);
+                    } else {
+                        mapped.push(pair);
+                    }
                 }
             }
+            let mapping = mount_lowers(&mapped, userns)?;
+            mount_lowers(&unmapped, None)?;
+            for (_, lower) in mapped.iter().chain(&unmapped) {
+                let layer = lower.parent().expect("made above");
+                let name = layer.file_name().expect("made above");
+                overlay("lower", layer, &root.join(name))?;
+            }
+            mapping
         }
         RootfsSource::Directory(lower) => {
-            // The image directory is bound in beside the writable layer, so that the
+            // The image directory is mounted beside the writable layer, so that the
             // overlay names it `image`, not by its host path.
             let image = layers.join("image");
             mkdir_mode(&image, 0o755)?;
-            ctx(
-                "bind the image",
-                mount(
-                    Some(lower.as_path()),
-                    &image,
-                    none(),
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    none(),
-                ),
-            )?;
+            let mapping = mount_lowers(&[(lower.clone(), image)], userns)?;
             overlay("image", &layers, &root)?;
+            mapping
         }
-    }
+        RootfsSource::Layers(dirs) => {
+            if dirs.is_empty() {
+                return Err(io::Error::other("the image has no layers"));
+            }
+            // Short names (`l/0` the bottom layer) keep the overlay's options far below
+            // the page-sized limit of mount(2)'s data however many layers an image has,
+            // and name no host path.
+            let l = layers.join("l");
+            mkdir_mode(&l, 0o700)?;
+            let mut pairs = Vec::new();
+            for (i, dir) in dirs.iter().enumerate() {
+                let target = l.join(i.to_string());
+                mkdir_mode(&target, 0o755)?;
+                pairs.push((dir.clone(), target));
+            }
+            let mapping = mount_lowers(&pairs, userns)?;
+            // overlayfs lists the topmost lower first.
+            let lower: Vec<String> = (0..dirs.len()).rev().map(|i| format!("l/{i}")).collect();
+            overlay(&lower.join(":"), &layers, &root)?;
+            mapping
+        }
+    };
 
     // From here on: inside the tree only.
     let tree = Tree::open(&root)?;
@@ -255,7 +302,7 @@ pub fn build(spec: &InitSpec) -> io::Result<PathBuf> {
             ),
         )?;
     }
-    Ok(root)
+    Ok((root, mapping))
 }
 
 /// Mounts onto the directory an fd holds (its `/proc/self/fd` path), so that no name in the
@@ -390,51 +437,17 @@ fn fix_etc(tree: &Tree, etc: &OwnedFd, spec: &InitSpec) -> io::Result<()> {
     } else {
         "/bin/sh"
     };
-    let keep = |line: &&str, id: u32| {
-        let mut fields = line.split(':');
-        let name = fields.next().unwrap_or("");
-        let third = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
-        name != USER_NAME && third != Some(id)
-    };
     let text = |rel: &str| -> io::Result<String> {
         Ok(tree
             .read(rel, ACCOUNTS_LIMIT)?
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default())
     };
-    let passwd = text("etc/passwd")?;
-    let mut passwd: Vec<&str> = passwd.lines().filter(|l| keep(l, uid)).collect();
-    if !passwd.iter().any(|l| l.starts_with("root:")) {
-        passwd.insert(0, "root:x:0:0:root:/root:/bin/sh");
-    }
-    let user_line = format!("{USER_NAME}:x:{uid}:{gid}:trident user:{WORKSPACE}:{shell}");
-    passwd.push(&user_line);
+    let accounts = merge_accounts(&text("etc/passwd")?, &text("etc/group")?, uid, gid, shell);
     let owner = spec.uid_base;
-    replace_file(
-        etc,
-        "passwd",
-        (passwd.join("\n") + "\n").as_bytes(),
-        0o644,
-        owner,
-    )?;
-
-    let group = text("etc/group")?;
-    let mut group: Vec<&str> = group.lines().filter(|l| keep(l, gid)).collect();
-    if !group.iter().any(|l| l.starts_with("root:")) {
-        group.insert(0, "root:x:0:");
-    }
-    let group_line = format!("{USER_NAME}:x:{gid}:");
-    group.push(&group_line);
-    replace_file(
-        etc,
-        "group",
-        (group.join("\n") + "\n").as_bytes(),
-        0o644,
-        owner,
-    )?;
-
-    let shadow = format!("root:*:1::::::\n{USER_NAME}:*:1::::::\n");
-    replace_file(etc, "shadow", shadow.as_bytes(), 0o640, owner)?;
+    replace_file(etc, "passwd", accounts.passwd.as_bytes(), 0o644, owner)?;
+    replace_file(etc, "group", accounts.group.as_bytes(), 0o644, owner)?;
+    replace_file(etc, "shadow", accounts.shadow.as_bytes(), 0o640, owner)?;
     for secret in ["gshadow", "shadow-", "gshadow-", "passwd-", "group-"] {
         remove_file(etc, secret);
     }
@@ -467,6 +480,56 @@ fn fix_etc(tree: &Tree, etc: &OwnedFd, spec: &InitSpec) -> io::Result<()> {
     );
     replace_file(etc, "hosts", hosts.as_bytes(), 0o644, owner)?;
     Ok(())
+}
+
+/// A runner's account files.
+#[derive(Debug, PartialEq)]
+struct Accounts {
+    passwd: String,
+    group: String,
+    shadow: String,
+}
+
+/// The image's accounts (what its own software expects: `nobody`, `www-data`, `node`...),
+/// a `root` if it has none, and `user` with trident's ids: an account of the image named
+/// `user` is replaced, and `user` comes before any other account with its uid (or group
+/// with its gid), so that its id reads as `user`. The shadow file names every account
+/// without a password (no login by password; the image's hashes are never copied).
+fn merge_accounts(passwd: &str, group: &str, uid: u32, gid: u32, shell: &str) -> Accounts {
+    let merge = |text: &str, id: u32, ours: String, root: &str| -> Vec<String> {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && l.split(':').next() != Some(USER_NAME))
+            .map(str::to_string)
+            .collect();
+        if !lines.iter().any(|l| l.starts_with("root:")) {
+            lines.insert(0, root.to_string());
+        }
+        let same_id = lines
+            .iter()
+            .position(|l| l.split(':').nth(2).and_then(|f| f.parse::<u32>().ok()) == Some(id));
+        lines.insert(same_id.unwrap_or(lines.len()), ours);
+        lines
+    };
+    let passwd = merge(
+        passwd,
+        uid,
+        format!("{USER_NAME}:x:{uid}:{gid}:trident user:{WORKSPACE}:{shell}"),
+        "root:x:0:0:root:/root:/bin/sh",
+    );
+    let group = merge(group, gid, format!("{USER_NAME}:x:{gid}:"), "root:x:0:");
+    let mut names: Vec<&str> = Vec::new();
+    for name in passwd.iter().filter_map(|l| l.split(':').next()) {
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let shadow: String = names.iter().map(|n| format!("{n}:*:1::::::\n")).collect();
+    Accounts {
+        passwd: passwd.join("\n") + "\n",
+        group: group.join("\n") + "\n",
+        shadow,
+    }
 }
 
 /// How much of an image's passwd or group file is read.
@@ -542,5 +605,42 @@ pub fn loopback_up() -> io::Result<()> {
         };
         libc::close(sock);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_keeps_its_accounts_and_gains_user() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/sbin/nologin\n\
+                      node:x:1000:1000::/home/node:/bin/sh\nuser:x:1234:1234::/home/user:/bin/sh\n";
+        let group = "root:x:0:\nnode:x:1000:\nuser:x:1234:\n";
+        let accounts = merge_accounts(passwd, group, 1000, 1000, "/bin/bash");
+        assert_eq!(
+            accounts.passwd,
+            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/sbin/nologin\n\
+             user:x:1000:1000:trident user:/workspace:/bin/bash\n\
+             node:x:1000:1000::/home/node:/bin/sh\n"
+        );
+        assert_eq!(accounts.group, "root:x:0:\nuser:x:1000:\nnode:x:1000:\n");
+        assert_eq!(
+            accounts.shadow,
+            "root:*:1::::::\nnobody:*:1::::::\nuser:*:1::::::\nnode:*:1::::::\n"
+        );
+    }
+
+    #[test]
+    fn an_image_without_accounts_gets_root_and_user() {
+        let accounts = merge_accounts("", "garbage without colons\n", 1000, 1000, "/bin/sh");
+        assert_eq!(
+            accounts.passwd,
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:trident user:/workspace:/bin/sh\n"
+        );
+        assert_eq!(
+            accounts.group,
+            "root:x:0:\ngarbage without colons\nuser:x:1000:\n"
+        );
     }
 }

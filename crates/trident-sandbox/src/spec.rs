@@ -12,6 +12,9 @@ pub enum RootfsSource {
     Host,
     /// A root filesystem directory, the overlay's lower layer.
     Directory(PathBuf),
+    /// An image's unpacked layer directories, bottom first (overlayfs whiteouts and opaque
+    /// directories in them are honoured: what an upper layer deleted is gone).
+    Layers(Vec<PathBuf>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +44,10 @@ pub struct InitSpec {
     /// dir), should they lie under the host directories it shows.
     #[serde(default)]
     pub hidden_paths: Vec<PathBuf>,
+    /// The image's own environment (`K=V`, its config's `Env`): the base environment of
+    /// every execution. Empty: trident's defaults.
+    #[serde(default)]
+    pub image_env: Vec<String>,
 }
 
 /// Ids per runner in its user namespace.

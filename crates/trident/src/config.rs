@@ -16,7 +16,7 @@ use trident_http::server::ConnectionLimits;
 use trident_jobs::builtin_agent::BuiltinAgentConfig;
 use trident_jobs::CoordinatorConfig;
 use trident_sandbox::network::NetworkSettings;
-use trident_sandbox::{Images, NativeConfig};
+use trident_sandbox::{ImageEntry, Images, NativeConfig};
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
@@ -56,9 +56,10 @@ pub struct FileConfig {
     token: Option<String>,
     registration_token: Option<String>,
     data_dir: Option<PathBuf>,
-    /// Image name → `host` or an absolute root filesystem directory.
+    /// Image name → `host`, an absolute root filesystem directory, or
+    /// `{layers: [bottom, ..., top], env: ["K=V", ...]}` (unpacked layer directories).
     #[serde(default)]
-    images: BTreeMap<String, String>,
+    images: BTreeMap<String, ImageEntry>,
     /// How long a claim waits for a runner being created when the pool is empty.
     claim_wait_seconds: Option<u64>,
     /// /health answers 503 PREWARMING_POOL_DEPLETING below this idle/pool ratio (0 = off).
@@ -249,7 +250,7 @@ impl Settings {
             .unwrap_or(agent.concurrency)
             .max(1);
 
-        let images = Images::new(file.images).map_err(anyhow::Error::msg)?;
+        let images = Images::from_entries(file.images).map_err(anyhow::Error::msg)?;
         let mut native = NativeConfig::new(server.data_dir.clone(), images);
         native.pids_limit = file.pids_limit.unwrap_or(native.pids_limit);
         // 0 is what the reference's clients send for "no explicit limit": the default.

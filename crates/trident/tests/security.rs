@@ -196,11 +196,25 @@ async fn kernel_interfaces_are_out_of_reach() {
     )
     .await;
     assert_eq!(run.stdout().trim(), "ok", "{run:?}");
-    // The system directories belong to host ids outside the runner's range: even root in
-    // the runner cannot change them (and the host's are never touched).
-    let run = privileged(&server, &runner, "touch /usr/local/c").await;
-    assert!(run.stderr().contains("Permission denied"), "{run:?}");
-    assert!(!std::path::Path::new("/usr/local/c").exists());
+    // /usr is idmapped: its files are root's in the runner, so root there may change them,
+    // in the runner's writable layer only (the host's are never touched). /etc and /opt
+    // are not idmapped, so that the host's root-only files there (TLS keys, credentials)
+    // stay out of reach: their files belong to host ids outside the runner's range, and
+    // even root in the runner can neither add to /etc nor list /etc/ssl/private.
+    let run = privileged(
+        &server,
+        &runner,
+        "touch /usr/local/c && echo wrote; touch /etc/c; ls /etc/ssl/private",
+    )
+    .await;
+    assert_eq!(run.stdout().trim(), "wrote", "{run:?}");
+    assert!(run.stderr().contains("/etc/c"), "{run:?}");
+    if std::path::Path::new("/etc/ssl/private").is_dir() {
+        assert!(run.stderr().contains("/etc/ssl/private"), "{run:?}");
+    }
+    for host in ["/usr/local/c", "/etc/c"] {
+        assert!(!std::path::Path::new(host).exists(), "{host} on the host");
+    }
 
     // Root in the runner is an unprivileged id on the host, in a range of its own.
     let run = privileged(

@@ -122,7 +122,7 @@ impl NativeBackend {
         network: Option<RunnerNetwork>,
     ) -> Result<InitSpec, String> {
         let env = &spec.environment;
-        let rootfs = self.config.images.resolve(&env.image)?;
+        let image = self.config.images.resolve(&env.image)?;
         let memory_mb = match env.memory_limit {
             0 => self.config.default_memory_mb,
             mb => mb,
@@ -134,7 +134,7 @@ impl NativeBackend {
         Ok(InitSpec {
             runner_id: spec.runner_id.clone(),
             dir: self.runners_dir.join(&spec.runner_id),
-            rootfs,
+            rootfs: image.rootfs,
             cgroup: format!("{}/{}", self.cgroup_parent, spec.runner_id),
             memory_bytes,
             cpu_cores,
@@ -155,6 +155,7 @@ impl NativeBackend {
                 .chain(std::iter::once(&self.config.data_dir))
                 .cloned()
                 .collect(),
+            image_env: image.env,
         })
     }
 
@@ -211,7 +212,19 @@ impl NativeBackend {
         });
         let answer = tokio::time::timeout(self.config.start_timeout, wait_ready).await;
         match answer {
-            Ok(Ok(Ok(text))) if text == READY => Ok(sandbox),
+            Ok(Ok(Ok(text))) if text.split('\n').next() == Some(READY) => {
+                if let Some((_, why)) = text.split_once('\n') {
+                    self.idmap_refused.call_once(|| {
+                        tracing::warn!(
+                            reason = why,
+                            "lower layers are not idmapped: image files show as the overflow id \
+                             (nobody) in runners and root there cannot change them (see \
+                             docs/SECURITY.md)"
+                        )
+                    });
+                }
+                Ok(sandbox)
+            }
             other => {
                 let reason = match other {
                     Ok(Ok(Ok(text))) if !text.is_empty() => text,

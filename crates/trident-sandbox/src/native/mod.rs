@@ -124,6 +124,8 @@ pub struct NativeBackend {
     network_ready: tokio::sync::OnceCell<()>,
     /// The janitor is started once (`start_janitor`).
     janitor: std::sync::Once,
+    /// Runners without idmapped lowers are logged once per server life.
+    idmap_refused: std::sync::Once,
 }
 
 impl NativeBackend {
@@ -159,6 +161,7 @@ impl NativeBackend {
             config,
             known: Arc::default(),
             janitor: std::sync::Once::new(),
+            idmap_refused: std::sync::Once::new(),
             id_slots: Arc::default(),
             host_ports: Arc::default(),
             network_ready: tokio::sync::OnceCell::new(),
