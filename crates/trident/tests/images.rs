@@ -23,6 +23,7 @@ fn busybox_rootfs(dir: &Path) {
     std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "ls", "touch", "env", "uname", "true", "rm", "stat", "grep",
+        "wc", "pwd",
     ] {
         symlink("busybox", dir.join("bin").join(applet)).unwrap();
     }
@@ -209,4 +210,254 @@ fn a_bad_images_table_stops_the_server_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("absolute directory path"), "{stderr}");
+}
+
+/// Writes `content` at `rel` in `dir`, owned by `id`.
+fn put(dir: &Path, rel: &str, content: &str, id: u32) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, content).unwrap();
+    std::os::unix::fs::chown(&path, Some(id), Some(id)).unwrap();
+}
+
+/// An overlayfs whiteout (what the image store makes of an OCI `.wh.<name>`).
+fn whiteout(dir: &Path, rel: &str) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .unwrap();
+}
+
+/// An opaque directory (what the store makes of an OCI `.wh..wh..opq`).
+fn opaque(dir: &Path, rel: &str) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(&path).unwrap();
+    rustix::fs::setxattr(
+        &path,
+        "trusted.overlay.opaque",
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layered_images_stack_their_layers_with_their_owners_and_env() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = |n: usize| tmp.path().join(format!("layer{n}"));
+    // Bottom: a busybox system with an account of its own, files to delete and hide.
+    let bottom = layer(0);
+    busybox_rootfs(&bottom);
+    std::fs::write(
+        bottom.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1001:1001:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(bottom.join("etc/group"), "root:x:0:\napp:x:1001:\n").unwrap();
+    put(&bottom, "data/gone", "deleted above\n", 0);
+    put(&bottom, "data/opq/old", "hidden above\n", 0);
+    put(&bottom, "data/keep/a", "bottom\n", 1000);
+    // Middle: deletes data/gone, replaces data/opq wholesale.
+    let middle = layer(1);
+    whiteout(&middle, "data/gone");
+    opaque(&middle, "data/opq");
+    put(&middle, "data/opq/new", "new\n", 1001);
+    put(&middle, "etc/os-release", "NAME=layered\n", 0);
+    // Top: overrides a file of the bottom one.
+    let top = layer(2);
+    put(&top, "data/keep/a", "top\n", 1000);
+
+    // Many layers with long host paths: their lowerdir list would pass mount(2)'s
+    // page-sized limit were the layers named by their paths.
+    let long = tmp.path().join("a-long-directory-name-".repeat(6));
+    let mut deep = vec![bottom.display().to_string()];
+    for n in 0..60 {
+        let dir = long.join(format!("layer-number-{n:03}"));
+        put(&dir, &format!("many/{n}"), "", 0);
+        deep.push(dir.display().to_string());
+    }
+    assert!(deep.iter().map(|d| d.len() + 1).sum::<usize>() > 4096);
+
+    let quote = |dirs: &[String]| {
+        dirs.iter()
+            .map(|d| format!("\"{d}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let three: Vec<String> = (0..3).map(|n| layer(n).display().to_string()).collect();
+    let server = Server::start_with(Options {
+        config_yaml: Some(format!(
+            "images:\n  layered:\n    layers: [{}]\n    env: [\"PATH=/bin:/opt/tools\", \"GREETING=from the image\", \"JAVA_HOME=/image/java\", \"CODEOCEAN=false\"]\n  deep: {{layers: [{}]}}\n",
+            quote(&three),
+            quote(&deep)
+        )),
+        ..Options::default()
+    });
+    let mut env = common::environment(1, 1, 128);
+    env["image"] = json!("layered");
+    let r = server
+        .send(Method::PUT, "/execution-environments/1", env)
+        .await;
+    assert_eq!(r.status(), 201);
+    let runner = server.claim(1, 0).await;
+
+    // Whiteouts and opaque dirs are honoured; upper layers win; owners are the image's.
+    let run = server
+        .execute(
+            &runner,
+            exec("ls -1 /data /data/opq; cat /data/keep/a /etc/os-release; stat -c \"%u:%g %n\" /bin/busybox /data/keep/a /data/opq/new; id -un; pwd"),
+        )
+        .await;
+    assert_eq!(
+        run.stdout(),
+        "/data:\r\nkeep\r\nopq\r\n\r\n/data/opq:\r\nnew\r\ntop\r\nNAME=layered\r\n\
+         0:0 /bin/busybox\r\n1000:1000 /data/keep/a\r\n1001:1001 /data/opq/new\r\nuser\r\n/workspace\r\n",
+        "{run:?}"
+    );
+    // The image's accounts stay, `user` is added.
+    let run = server
+        .execute(&runner, exec("cat /etc/passwd /etc/group"))
+        .await;
+    let accounts = run.stdout();
+    for line in [
+        "root:x:0:0:root:/root:/bin/sh",
+        "app:x:1001:1001:app:/home/app:/bin/sh",
+        "user:x:1000:1000:",
+        "app:x:1001:",
+        "user:x:1000:",
+    ] {
+        assert!(accounts.contains(line), "{line} missing: {accounts}");
+    }
+    // The image's Env is the base environment, CODEOCEAN=true and the client's on top.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "env", "environment": {"JAVA_HOME": "/client/java"}}),
+        )
+        .await;
+    let stdout = run.stdout();
+    let vars: Vec<&str> = stdout.split("\r\n").collect();
+    for var in [
+        "PATH=/bin:/opt/tools",
+        "GREETING=from the image",
+        "JAVA_HOME=/client/java",
+        "CODEOCEAN=true",
+        "HOME=/workspace",
+    ] {
+        assert!(vars.contains(&var), "{var} missing: {vars:?}");
+    }
+    assert!(!vars.iter().any(|v| v.starts_with("LANG=")), "{vars:?}");
+    // The overlay's options name no host path.
+    let run = server
+        .execute(&runner, exec("grep \" / / \" /proc/self/mountinfo"))
+        .await;
+    let root = run.stdout();
+    assert!(root.contains("lowerdir=l/2:l/1:l/0"), "{root}");
+    assert!(!root.contains(&tmp.path().display().to_string()), "{root}");
+
+    // Root changes and deletes image files in its writable layer only.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "echo changed > /data/keep/a && rm -r /data/opq /etc/os-release && touch /data/new && echo done",
+                   "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(run.stdout(), "done\r\n", "{run:?}");
+    assert_eq!(
+        std::fs::read_to_string(top.join("data/keep/a")).unwrap(),
+        "top\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bottom.join("data/keep/a")).unwrap(),
+        "bottom\n"
+    );
+    assert!(middle.join("data/opq/new").exists() && middle.join("etc/os-release").exists());
+    assert!(!top.join("data/new").exists() && !top.join("data/opq").exists());
+    let gone = std::fs::symlink_metadata(middle.join("data/gone")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &gone.file_type()
+    ));
+
+    // 61 layers.
+    let mut env = common::environment(2, 1, 128);
+    env["image"] = json!("deep");
+    let r = server
+        .send(Method::PUT, "/execution-environments/2", env)
+        .await;
+    assert_eq!(r.status(), 201);
+    let runner = server.claim(2, 0).await;
+    let run = server
+        .execute(&runner, exec("ls /many | wc -l; echo $LANG"))
+        .await;
+    // No Env: trident's default environment.
+    assert_eq!(run.stdout(), "60\r\nC.UTF-8\r\n", "{run:?}");
+}
+
+/// Unmounts (lazily) what a test mounted, also when it fails.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_the_kernel_cannot_idmap_falls_back_to_plain_lowers() {
+    // An image directory that is itself an overlay mount: overlayfs refuses to be idmapped,
+    // as older kernels refuse everything and tmpfs before 6.3 does.
+    let tmp = tempfile::tempdir().unwrap();
+    let (rootfs, empty, image) = (
+        tmp.path().join("tiny"),
+        tmp.path().join("empty"),
+        tmp.path().join("image"),
+    );
+    busybox_rootfs(&rootfs);
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::create_dir(&image).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={}:{}", rootfs.display(), empty.display()))
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _mounted = Mounted(image.clone());
+    let server = Server::start_with(Options {
+        config_yaml: Some(format!("images:\n  tiny: {}\n", image.display())),
+        ..Options::default()
+    });
+    let mut env = common::environment(1, 1, 128);
+    env["image"] = json!("tiny");
+    let r = server
+        .send(Method::PUT, "/execution-environments/1", env)
+        .await;
+    assert_eq!(r.status(), 201);
+    let runner = server.claim(1, 0).await;
+    // The runner works as before idmapping: the image's files show as the overflow id,
+    // root in the runner cannot change them, and nothing reaches the image.
+    let run = server
+        .execute(
+            &runner,
+            json!({"command": "stat -c \"%u:%g\" /bin/busybox /home/owned; id -un; touch /etc/new",
+                   "privilegedExecution": true}),
+        )
+        .await;
+    assert_eq!(
+        run.stdout(),
+        "65534:65534\r\n65534:65534\r\nroot\r\n",
+        "{run:?}"
+    );
+    assert!(run.stderr().contains("/etc/new"), "{run:?}");
+    assert!(!rootfs.join("etc/new").exists());
 }
