@@ -183,6 +183,12 @@ impl NativeBackend {
         }
     }
 
+    /// The image table runners are made from: shared with every clone of it, so that images
+    /// registered there at run time (`Images::insert`) are used by the next creations.
+    pub fn images(&self) -> &Images {
+        &self.config.images
+    }
+
     pub fn cgroup_parent(&self) -> &str {
         &self.cgroup_parent
     }
