@@ -150,7 +150,7 @@ async fn bad_requests_are_refused_clearly_and_change_nothing() {
         (
             Method::PATCH,
             format!("/runners/{runner}/files"),
-            r#"{"copy":[{"path":"/usr/bin/planted","content":""}]}"#,
+            r#"{"copy":[{"path":"/etc/planted","content":""}]}"#,
             500,
         ),
     ];
