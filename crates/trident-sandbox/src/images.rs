@@ -10,6 +10,8 @@ use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
+use trident_core::backend::Readiness;
+
 use crate::spec::RootfsSource;
 
 /// The image every installation has: the host's own system directories, read-only.
@@ -64,7 +66,15 @@ pub struct LayersEntry {
 /// Images known by something other than the table (the image store): asked for names the
 /// table does not have. `None`: not one of its images.
 pub trait ImageResolver: Send + Sync {
+    /// The image's layers once it is there; `Some(Err)` while it is not (yet).
     fn resolve(&self, name: &str) -> Option<Result<ImageSource, String>>;
+    /// Whether the name is one this resolver takes (syntax only; nothing is fetched): `None`
+    /// when it is not its kind of name at all, `Some(Err)` with why it is malformed.
+    fn accepts(&self, name: &str) -> Option<Result<(), String>>;
+    /// Whether runners of the image can be made now (pulled), starting to get it if needed.
+    fn readiness(&self, name: &str) -> Readiness;
+    /// Starts getting the image, retrying at once what failed before.
+    fn prepare(&self, name: &str);
 }
 
 /// Image names and what they are. Clones share one table: an image registered through any
@@ -164,15 +174,47 @@ impl Images {
         self.write().resolver = Some(resolver);
     }
 
+    fn lookup(&self, name: &str) -> (Option<ImageSource>, Option<Arc<dyn ImageResolver>>) {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        (inner.table.get(name).cloned(), inner.resolver.clone())
+    }
+
+    /// Whether `name` names an image at all (the table's, or one the resolver would get),
+    /// with a message a client can act on. Nothing is fetched.
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        match self.lookup(name) {
+            (Some(_), _) => self.resolve(name).map(|_| ()),
+            (None, _) if name == HOST_IMAGE => Ok(()),
+            (None, Some(resolver)) => match resolver.accepts(name) {
+                Some(verdict) => verdict,
+                None => self.resolve(name).map(|_| ()),
+            },
+            (None, None) => self.resolve(name).map(|_| ()),
+        }
+    }
+
+    /// The table's images are always ready; the resolver's once pulled.
+    pub fn readiness(&self, name: &str) -> Readiness {
+        match self.lookup(name) {
+            (None, Some(resolver)) if name != HOST_IMAGE => resolver.readiness(name),
+            _ => Readiness::Ready,
+        }
+    }
+
+    pub fn prepare(&self, name: &str) {
+        if let (None, Some(resolver)) = self.lookup(name) {
+            if name != HOST_IMAGE {
+                resolver.prepare(name);
+            }
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn resolve(&self, name: &str) -> Result<ResolvedImage, String> {
-        let (source, resolver) = {
-            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            (inner.table.get(name).cloned(), inner.resolver.clone())
-        };
+        let (source, resolver) = self.lookup(name);
         let source = match source {
             Some(source) => source,
             None if name == HOST_IMAGE => ImageSource::Host,
@@ -296,12 +338,31 @@ mod tests {
             fn resolve(&self, name: &str) -> Option<Result<ImageSource, String>> {
                 (name == "pulling").then(|| Err("still being pulled".to_string()))
             }
+            fn accepts(&self, name: &str) -> Option<Result<(), String>> {
+                match name {
+                    "pulling" => Some(Ok(())),
+                    "Bad Ref" => Some(Err("invalid reference".into())),
+                    _ => None,
+                }
+            }
+            fn readiness(&self, _name: &str) -> Readiness {
+                Readiness::Preparing
+            }
+            fn prepare(&self, _name: &str) {}
         }
-        let images = Images::new(BTreeMap::new()).unwrap();
+        let images = Images::new(BTreeMap::from([("py".to_string(), "host".to_string())])).unwrap();
         images.set_resolver(Arc::new(Store));
         assert_eq!(images.resolve("pulling").unwrap_err(), "still being pulled");
         assert!(images.resolve("other").unwrap_err().contains("images:"));
         assert_eq!(images.resolve("host").unwrap().rootfs, RootfsSource::Host);
+        // Checks are syntax only: an image being pulled is a valid choice already.
+        assert_eq!(images.check("pulling"), Ok(()));
+        assert_eq!(images.check("Bad Ref"), Err("invalid reference".into()));
+        assert!(images.check("other").unwrap_err().contains("images:"));
+        // The table's images never wait; the resolver's say where they stand.
+        assert_eq!(images.readiness("py"), Readiness::Ready);
+        assert_eq!(images.readiness("host"), Readiness::Ready);
+        assert_eq!(images.readiness("pulling"), Readiness::Preparing);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use trident_api::ApiConfig;
 use trident_core::ManagerConfig;
 use trident_gitlab::GitlabConfig;
 use trident_http::server::ConnectionLimits;
+use trident_images::RegistryConfig;
 use trident_jobs::builtin_agent::BuiltinAgentConfig;
 use trident_jobs::CoordinatorConfig;
 use trident_sandbox::network::NetworkSettings;
@@ -60,6 +61,19 @@ pub struct FileConfig {
     /// `{layers: [bottom, ..., top], env: ["K=V", ...]}` (unpacked layer directories).
     #[serde(default)]
     images: BTreeMap<String, ImageEntry>,
+    /// Credentials per registry host (`registry.example.org: {username, password}`).
+    #[serde(default)]
+    registry_auth: BTreeMap<String, trident_images::Credentials>,
+    /// Docker's credentials file; its `auths` are used for registries not in registry_auth.
+    docker_config: Option<PathBuf>,
+    /// Registries (`host:port`) reached over plain HTTP, as Docker's daemon.json names them.
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+    /// Mirrors tried first for Docker Hub images, as Docker's `registry-mirrors`.
+    #[serde(default)]
+    registry_mirrors: Vec<String>,
+    /// Largest unpacked layer, in MB.
+    max_layer_mb: Option<u64>,
     /// How long a claim waits for a runner being created when the pool is empty.
     claim_wait_seconds: Option<u64>,
     /// /health answers 503 PREWARMING_POOL_DEPLETING below this idle/pool ratio (0 = off).
@@ -153,6 +167,67 @@ pub struct Settings {
     /// Its `data_dir` is the one configured; `serve` makes it absolute.
     pub native: NativeConfig,
     pub network: NetworkSettings,
+    pub images: ImageSettings,
+}
+
+/// The image store's part of the settings.
+#[derive(Debug, Clone, Default)]
+pub struct ImageSettings {
+    pub registry: RegistryConfig,
+    /// `images:` names loaded from offline archives: name → `docker-archive:/…`,
+    /// `oci-archive:/…` or `oci:/…`.
+    pub archives: BTreeMap<String, String>,
+}
+
+const ARCHIVE_PREFIXES: [&str; 3] = ["docker-archive:", "oci-archive:", "oci:"];
+
+impl FileConfig {
+    fn registry(&self) -> RegistryConfig {
+        let mut registry = RegistryConfig {
+            registry_auth: self.registry_auth.clone(),
+            docker_config: self.docker_config.clone(),
+            insecure_registries: self.insecure_registries.clone(),
+            registry_mirrors: self.registry_mirrors.clone(),
+            ..RegistryConfig::default()
+        };
+        if let Some(mb) = self.max_layer_mb {
+            registry.max_layer_bytes = mb.max(1).saturating_mul(MIB);
+        }
+        registry
+    }
+
+    /// Splits the `images:` table: offline archives go to the image store, the rest (`host`,
+    /// directories, layer lists) to the sandbox's table.
+    fn split_images(&mut self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut archives = BTreeMap::new();
+        let names: Vec<String> = self.images.keys().cloned().collect();
+        for name in names {
+            let ImageEntry::Path(source) = &self.images[&name] else {
+                continue;
+            };
+            if !ARCHIVE_PREFIXES.iter().any(|p| source.starts_with(p)) {
+                continue;
+            }
+            trident_images::normalize_reference(&name).map_err(|e| {
+                anyhow::anyhow!("images: {name:?} (an archive) must be named like an image: {e}")
+            })?;
+            let path = source.split_once(':').map_or("", |(_, p)| p);
+            if !path.starts_with('/') {
+                anyhow::bail!("images: {name}: the archive path in {source:?} must be absolute");
+            }
+            archives.insert(name.clone(), source.clone());
+            self.images.remove(&name);
+        }
+        Ok(archives)
+    }
+}
+
+/// The registry settings of a config file (for `trident image --data-dir`).
+pub fn registry_settings(path: Option<&Path>) -> anyhow::Result<RegistryConfig> {
+    match path {
+        Some(path) => Ok(load(path)?.registry()),
+        None => Ok(RegistryConfig::default()),
+    }
 }
 
 /// `value` seconds, or `default` when the key is absent.
@@ -170,9 +245,13 @@ const MIB: u64 = 1024 * 1024;
 
 impl Settings {
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Settings> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(path) => load(path)?,
             None => FileConfig::default(),
+        };
+        let images = ImageSettings {
+            registry: file.registry(),
+            archives: file.split_images()?,
         };
 
         let mut server = ServerSettings::default();
@@ -250,8 +329,9 @@ impl Settings {
             .unwrap_or(agent.concurrency)
             .max(1);
 
-        let images = Images::from_entries(file.images).map_err(anyhow::Error::msg)?;
-        let mut native = NativeConfig::new(server.data_dir.clone(), images);
+        let table =
+            Images::from_entries(std::mem::take(&mut file.images)).map_err(anyhow::Error::msg)?;
+        let mut native = NativeConfig::new(server.data_dir.clone(), table);
         native.pids_limit = file.pids_limit.unwrap_or(native.pids_limit);
         // 0 is what the reference's clients send for "no explicit limit": the default.
         if let Some(mb) = file.default_memory_limit_mb.filter(|mb| *mb > 0) {
@@ -282,6 +362,7 @@ impl Settings {
             agent,
             native,
             network: file.network,
+            images,
         })
     }
 }
@@ -299,14 +380,16 @@ fn load(path: &Path) -> anyhow::Result<FileConfig> {
 /// readable by other users of the host: with it, anyone could run commands in every runner.
 fn check_secrets_are_private(path: &Path, config: &FileConfig) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let has_secret = config.token.is_some() || config.registration_token.is_some();
+    let has_secret = config.token.is_some()
+        || config.registration_token.is_some()
+        || !config.registry_auth.is_empty();
     if !has_secret {
         return Ok(());
     }
     let mode = std::fs::metadata(path)?.permissions().mode();
     if mode & 0o004 != 0 {
         anyhow::bail!(
-            "the config file {} holds secrets (token, registration_token) and every user of \
+            "the config file {} holds secrets (token, registration_token, registry_auth) and every user of \
              this host can read it (mode {:o}); make it private: chmod 600 {}",
             path.display(),
             mode & 0o777,

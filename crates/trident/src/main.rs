@@ -1,5 +1,5 @@
 //! The `trident` binary: `serve` (the service), `bench` (a load client that prints a
-//! table), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that
+//! table), `image` (pull, list, remove images), `ws` (a tiny WebSocket client for executions), and the hidden `runner-init` that
 //! the native sandbox re-executes for each runner.
 
 #![forbid(unsafe_code)]
@@ -7,6 +7,8 @@
 mod bench;
 mod bench_jobs;
 mod config;
+mod image_cli;
+mod images;
 mod serve;
 mod ws;
 
@@ -32,6 +34,8 @@ enum Command {
     /// Measure a running server: runner claim, file copy, execute round trip; job pickup,
     /// idle agents, trace appends.
     Bench(bench::BenchArgs),
+    /// Pull, list and remove the server's OCI images (through its API, or in a data dir).
+    Image(image_cli::ImageArgs),
     /// Connect to an execution's WebSocket URL and print its messages (stdin lines are sent).
     Ws(ws::WsArgs),
     /// Internal: the init process of one runner (started by `serve`, never by hand).
@@ -59,6 +63,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(ws::run(args))
+        }
+        Command::Image(args) => {
+            init_logging("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(image_cli::run(args))
         }
         Command::Bench(args) => {
             init_logging("warn");

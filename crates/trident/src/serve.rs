@@ -23,6 +23,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         agent: agent_config,
         mut native,
         network,
+        images: image_settings,
     } = settings;
     std::fs::create_dir_all(&process.data_dir)
         .with_context(|| format!("creating the data dir {}", process.data_dir.display()))?;
@@ -39,6 +40,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .iter()
         .filter_map(|path| std::fs::canonicalize(path).ok())
         .collect();
+    // Images the `images:` table does not name come from the store: pulled from registries
+    // or loaded from the table's offline archives.
+    let image_store =
+        trident_images::ImageStore::open(data_dir.join("images"), image_settings.registry)
+            .map_err(|e| anyhow::anyhow!("opening the image store: {e}"))?;
+    let store_images =
+        crate::images::StoreImages::new(image_store.clone(), image_settings.archives);
+    native
+        .images
+        .set_resolver(Arc::new(crate::images::Resolver(store_images.clone())));
+    let mut api_config = api_config;
+    api_config.images = Some(Arc::new(crate::images::Resolver(store_images.clone())));
     let backend = NativeBackend::new(native)
         .context("starting the native sandbox (trident must run as root)")?;
     let cgroup_version = backend.cgroup_version();
@@ -48,6 +61,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let backend: Arc<dyn Backend> = backend;
 
     let manager = Manager::new(backend, store.clone(), manager_config);
+    // Pulls a crash cut short go on; archives of the table load in the background.
+    image_store.resume_pending();
+    store_images.load_archives();
     let restored = manager.restore().await?;
     // From here on, whatever appears under this instance without a runner is debris.
     native_backend.start_janitor();

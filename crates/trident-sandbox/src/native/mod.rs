@@ -226,7 +226,15 @@ impl Backend for NativeBackend {
                     .into(),
             );
         }
-        self.config.images.resolve(&environment.image).map(|_| ())
+        self.config.images.check(&environment.image)
+    }
+
+    fn prepare(&self, environment: &ExecutionEnvironment) {
+        self.config.images.prepare(&environment.image);
+    }
+
+    fn readiness(&self, environment: &ExecutionEnvironment) -> trident_core::backend::Readiness {
+        self.config.images.readiness(&environment.image)
     }
 
     async fn create_runner(&self, spec: RunnerSpec) -> BackendResult<Box<dyn Sandbox>> {
