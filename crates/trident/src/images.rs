@@ -38,7 +38,12 @@ impl StoreImages {
         if self.archives.contains_key(image) {
             return Ok(image.to_string());
         }
-        normalize_reference(image).map_err(|e| e.to_string())
+        normalize_reference(image).map_err(|e| {
+            format!(
+                "image {image:?} is neither in the server's images: table nor a valid registry \
+                 reference: {e}"
+            )
+        })
     }
 
     /// Loads an archive of the `images:` table into the store in the background, once at a

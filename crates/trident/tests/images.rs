@@ -183,16 +183,45 @@ async fn directory_images_and_aliases_of_host_make_runners() {
         "a runner wrote the host's /usr"
     );
 
+    // A name the table lacks is a registry reference (here Docker Hub's, unreachable from
+    // this machine): accepted at once, pulled behind the PUT, and a claim hears why it
+    // cannot be had.
     let mut env = common::environment(3, 1, 128);
     env["image"] = json!("openhpi/co_execenv_java:17");
     let r = server
-        .send(Method::PUT, "/execution-environments/3", env)
+        .send(Method::PUT, "/execution-environments/3", env.clone())
+        .await;
+    assert_eq!(r.status(), 201);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = server
+            .send(
+                Method::POST,
+                "/runners",
+                json!({"executionEnvironmentId": 3}),
+            )
+            .await;
+        let (status, message) = common::error_of(r, "claim").await;
+        assert_eq!(status, 500, "{message}");
+        if message.contains("could not be pulled") {
+            assert!(
+                message.contains("docker.io/openhpi/co_execenv_java:17"),
+                "{message}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{message}");
+    }
+    env["image"] = json!("Not A Reference");
+    env["id"] = json!(4);
+    let r = server
+        .send(Method::PUT, "/execution-environments/4", env)
         .await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("images:"), "{message}");
-    assert_eq!(server.get("/execution-environments/3").await.status(), 404);
+    assert_eq!(server.get("/execution-environments/4").await.status(), 404);
 }
 
 #[test]

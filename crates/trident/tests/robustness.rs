@@ -156,7 +156,7 @@ async fn bad_input_is_refused_with_a_message_and_changes_nothing() {
         ("exposedPorts", json!([-1]), ""),
         ("id", json!(ENV_BAD + 1), ""),
         ("id", json!(ENV_BAD.to_string()), ""),
-        ("image", json!("no-such-image"), "images:"),
+        ("image", json!("No Such Image"), "images:"),
     ] {
         cases.push((Method::PUT, env_path, good_env(key, value), 400, needle));
     }
