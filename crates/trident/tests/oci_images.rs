@@ -616,3 +616,56 @@ async fn a_pull_cut_by_kill_9_finishes_after_the_restart() {
     assert_eq!(image["state"], "ready", "{image}");
     assert_eq!(image["layers"], 4, "{image}");
 }
+
+/// `trident image pull|ls|rm` against the running server, as an operator types them.
+fn cli(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trident"))
+        .arg("image")
+        .args(["--server", &format!("http://{}", server.address)])
+        .args(args)
+        .env_remove("TRIDENT_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_command_pulls_lists_and_removes_through_the_server() {
+    let registry = Registry::start(None);
+    registry.push("team/cli", "1", &app_image()).await;
+    let server = server_for(&[&registry.host], "");
+    let reference = format!("{}/team/cli:1", registry.host);
+
+    let (ok, stdout, stderr) = cli(&server, &["pull", &reference]);
+    assert!(ok, "{stdout} {stderr}");
+    assert!(
+        stdout.contains(&format!("{reference} ready: 3 layers")),
+        "{stdout}"
+    );
+    // Not a terminal: plain progress lines, no bar.
+    assert!(stderr.contains(&format!("pulling {reference}")), "{stderr}");
+    let (ok, stdout, _) = cli(&server, &["ls"]);
+    assert!(ok);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&reference))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("ready") && line.contains("sha256:"), "{line}");
+
+    let missing = format!("{}/team/absent:1", registry.host);
+    let (ok, _, stderr) = cli(&server, &["pull", &missing]);
+    assert!(!ok);
+    assert!(stderr.contains("not found"), "{stderr}");
+    let (ok, _, stderr) = cli(&server, &["pull", "Not Valid"]);
+    assert!(!ok);
+    assert!(stderr.contains("400"), "{stderr}");
+
+    let (ok, stdout, stderr) = cli(&server, &["rm", &reference]);
+    assert!(ok, "{stdout} {stderr}");
+    let (_, stdout, _) = cli(&server, &["ls"]);
+    assert!(!stdout.contains(&format!("{reference} ")), "{stdout}");
+}
