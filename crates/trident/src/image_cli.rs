@@ -37,7 +37,12 @@ pub struct ImageArgs {
 enum ImageCommand {
     /// Pull an image (a registry reference, or docker-archive:/oci-archive:/oci: with
     /// --data-dir) and wait until it is ready
-    Pull { name: String },
+    Pull {
+        name: String,
+        /// The image name an archive is stored under (what environments then name)
+        #[arg(long = "as")]
+        store_as: Option<String>,
+    },
     /// List the images, their state and size
     Ls,
     /// Remove an image (refused while an execution environment uses it)
@@ -98,7 +103,13 @@ async fn online(args: &ImageArgs) -> anyhow::Result<()> {
             }
             println!("removed {name}");
         }
-        ImageCommand::Pull { name } => {
+        ImageCommand::Pull { name, .. } => {
+            if is_archive(name) {
+                bail!(
+                    "{name} is an offline archive: load it with --data-dir (server stopped), or \
+                     name it in the images: table of the server's config"
+                );
+            }
             let r = request(reqwest::Method::POST, "/images")
                 .json(&json!({ "name": name }))
                 .send()
@@ -136,14 +147,20 @@ async fn offline(args: &ImageArgs, data_dir: &std::path::Path) -> anyhow::Result
             store.remove(name).map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("removed {name}");
         }
-        ImageCommand::Pull { name } => {
+        ImageCommand::Pull { name, store_as } => {
             let store: Arc<ImageStore> = store;
+            let target = match (is_archive(name), store_as) {
+                (true, Some(as_name)) => as_name.clone(),
+                (true, None) => bail!("{name} is an archive: say which image it is with --as NAME"),
+                (false, _) => name.clone(),
+            };
             let pull = {
                 let store = store.clone();
                 let name = name.clone();
+                let target = target.clone();
                 tokio::spawn(async move {
                     if is_archive(&name) {
-                        store.import(&name, &name).await
+                        store.import(&target, &name).await
                     } else {
                         store.pull(&name).await
                     }

@@ -515,6 +515,32 @@ async fn an_image_saved_by_docker_loads_offline() {
         run(&server, &runner, "cat /etc/motd; ls /opaque").await,
         "welcome to the test image\nnew.txt\n"
     );
+    drop(server);
+
+    // The same archive loaded into a stopped server's data dir with the CLI, then named
+    // by environments like any image.
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trident"))
+        .args(["image", "--data-dir"])
+        .arg(&data_dir)
+        .args(["pull", &format!("docker-archive:{}", archive.display()), "--as", "team/offline:1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("docker.io/team/offline:1 ready: 3 layers"), "{stdout}");
+    let server = Server::start_with(Options {
+        config_yaml: Some("claim_wait_seconds: 60\n".into()),
+        data_dir: Some(data_dir),
+        ..Options::default()
+    });
+    let r = server
+        .send(Method::PUT, "/execution-environments/13", image_env(13, "team/offline:1", 1))
+        .await;
+    assert_eq!(r.status(), 201);
+    let runner = server.claim(13, 0).await;
+    assert_eq!(run(&server, &runner, "cat /data/kept.txt").await, "kept\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
