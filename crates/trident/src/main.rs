@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-mod bench_jobs;
 mod config;
 mod image_cli;
 mod images;
@@ -31,8 +30,8 @@ struct Cli {
 enum Command {
     /// Serve the Poseidon API v1 on the native sandbox.
     Serve(config::ServeArgs),
-    /// Measure a running server: runner claim, file copy, execute round trip; job pickup,
-    /// idle agents, trace appends.
+    /// Measure a running server beside baselines taken in the same run: executions (alone
+    /// and under load), prewarming at scale, files, a learner's flow, jobs, Docker.
     Bench(bench::BenchArgs),
     /// Pull, list and remove the server's OCI images (through its API, or in a data dir).
     Image(image_cli::ImageArgs),

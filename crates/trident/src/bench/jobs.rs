@@ -1,4 +1,4 @@
-//! `trident bench --suite jobs`: the GitLab Runner API v4 side of a running server, driven the
+//! `--suite jobs`: the GitLab Runner API v4 side of a running server, driven the
 //! way agents drive it: how soon a long-polling agent gets a job after it is submitted, what
 //! a thousand idle long-polling agents cost the others, and how fast traces append. The
 //! baseline is the cheapest HTTP round trip to the same server, measured in the same run.
@@ -15,7 +15,8 @@ use anyhow::{bail, Context};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 
-use crate::bench::{Client, Row};
+use super::{Report, Row};
+use crate::bench::Client;
 
 /// One agent of the bench: its runner token.
 #[derive(Clone)]
@@ -30,11 +31,14 @@ pub struct JobsBench<'a> {
     pub idle_agents: usize,
 }
 
+const TRACE_4K: &str = "PATCH trace, 4 KiB";
+const TRACE_4K_RATE: &str = "trace append, 4 KiB patches";
+
 /// What one measurement of the suite found besides latencies.
-pub struct Throughput {
-    pub name: String,
-    pub value: f64,
-    pub unit: &'static str,
+struct Throughput {
+    name: String,
+    value: f64,
+    unit: &'static str,
 }
 
 impl JobsBench<'_> {
@@ -281,7 +285,37 @@ impl JobsBench<'_> {
         Ok((samples, total))
     }
 
-    pub async fn measure(&self) -> anyhow::Result<(Vec<Row>, Vec<Throughput>)> {
+    /// Runs the suite and reports it: the table, the throughputs, and the figures a trace
+    /// PATCH is held against (`trace_patch_4k_p50_ms` beside `version_baseline_p50_ms`).
+    pub async fn run(&self, report: &mut Report, url: &str) -> anyhow::Result<()> {
+        let (rows, throughput) = self.measure().await?;
+        report.figure_ms("version_baseline_p50_ms", rows[0].p50());
+        if let Some(trace) = rows.iter().find(|r| r.name() == TRACE_4K) {
+            report.figure_ms("trace_patch_4k_p50_ms", trace.p50());
+            report.figure_ms("trace_patch_4k_p99_ms", trace.p99());
+        }
+        for t in &throughput {
+            if t.name == TRACE_4K_RATE {
+                report.figure("trace_append_4k_mib_per_s", t.value);
+            }
+        }
+        report.table(
+            &format!(
+                "trident bench (jobs): {} iterations against {url}",
+                self.iterations
+            ),
+            &rows,
+            "ratios against the plain HTTP round trip of the first row, measured in the same run",
+        );
+        let lines: Vec<String> = throughput
+            .iter()
+            .map(|t| format!("{:<56} {:>12.1} {}", t.name, t.value, t.unit))
+            .collect();
+        report.say(&format!("{}\n", lines.join("\n")));
+        Ok(())
+    }
+
+    async fn measure(&self) -> anyhow::Result<(Vec<Row>, Vec<Throughput>)> {
         let run = uuid::Uuid::new_v4().simple().to_string();
         let tag = format!("trident-bench-{}", &run[..8]);
         let idle_tag = format!("{tag}-idle");
@@ -347,7 +381,7 @@ impl JobsBench<'_> {
                 unit: "answers",
             },
             Throughput {
-                name: "trace append, 4 KiB patches".into(),
+                name: TRACE_4K_RATE.into(),
                 value: mb(4 * 1024, small_total),
                 unit: "MiB/s",
             },
@@ -368,7 +402,7 @@ impl JobsBench<'_> {
                 format!("/jobs/request, {n} idle agents polling"),
                 requests_idle,
             ),
-            Row::new("PATCH trace, 4 KiB", small),
+            Row::new(TRACE_4K, small),
             Row::new("PATCH trace, 64 KiB", large),
         ];
         Ok((rows, throughput))
