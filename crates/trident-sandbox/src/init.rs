@@ -5,13 +5,14 @@
 //! ```text
 //! trident runner-init <dir>      P0: joins the cgroup, unshares namespaces, waits for P1
 //! └── runner-init (pid 1)        P1: builds the root fs, pivots, serves the control socket
-//!     └── handler                one per connection: a file operation, or an execution:
-//!         └── exec-init (pid 1)  own pid namespace: when it exits, all it started dies
-//!             └── /bin/bash -c <command>
+//!     └── handler (pid 1)        one per connection, pid 1 of a pid namespace of its own: a
+//!         │                      file operation, or an execution, whose processes it reaps
+//!         │                      and, when the command ends, kills before it reports the end
+//!         └── /bin/bash -c <command>
 //! ```
 //!
-//! The server re-executes its own binary for P0 (never fork a multi-threaded tokio process);
-//! nothing here is async.
+//! The server spawns its own binary for P0 (posix_spawn: it never forks its multi-threaded
+//! tokio process); nothing here is async.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -23,8 +24,9 @@ use std::path::Path;
 use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
 use crate::cgroup::{Cgroups, Limits};
@@ -54,8 +56,27 @@ const READY_FD: RawFd = 3;
 
 /// Entry point of `trident runner-init <dir>`. Never returns.
 pub fn main(dir: &Path) -> ! {
-    // SAFETY: fd 3 was set up by the server for exactly this purpose.
+    // The server spawns this process without a step of its own between fork and exec (so
+    // that it can use posix_spawn): the ready pipe comes as stdout and moves to fd 3, stdout
+    // becomes /dev/null, and the runner gets its own session here (a Ctrl-C or a signal to
+    // the server's process group spares it).
+    let moved = nix::unistd::dup2(1, READY_FD).and_then(|_| {
+        let null = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_WRONLY,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        nix::unistd::dup2(null, 1)?;
+        nix::unistd::close(null)
+    });
+    // SAFETY: fd 3 is the ready pipe the server gave this process, just moved there.
     let mut ready = unsafe { File::from_raw_fd(READY_FD) };
+    if let Err(e) = moved.and_then(|()| nix::unistd::setsid().map(drop)) {
+        fail(
+            &mut ready,
+            &format!("setting up the ready pipe and session: {e}"),
+        );
+    }
     let spec: InitSpec = match std::fs::read(dir.join("spec.json"))
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -226,7 +247,7 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
             }
         };
         // SAFETY: single-threaded; the child handles one connection and exits.
-        match unsafe { fork() } {
+        match unsafe { fork_into_pid_namespace() } {
             Ok(ForkResult::Child) => {
                 drop(listener);
                 let code = match handle(spec, &filters, &stream) {
@@ -248,6 +269,29 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
                 );
             }
         }
+    }
+}
+
+/// fork(2) with the child as pid 1 of a pid namespace of its own: a clone(2) without
+/// CLONE_VM and without a stack of its own is what fork is (the child runs on a copy of this
+/// stack), as bubblewrap does it. Every handler gets one, so that an execution's handler is
+/// the init of the execution's processes itself (no process in between), and when it ends,
+/// the kernel kills whatever is left in there.
+///
+/// # Safety
+///
+/// As for fork: the calling process must be single-threaded.
+unsafe fn fork_into_pid_namespace() -> nix::Result<ForkResult> {
+    let flags = (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: clone with these flags and no new stack duplicates the process as fork does;
+    // the caller guarantees that no other thread exists.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    match pid {
+        -1 => Err(nix::errno::Errno::last()),
+        0 => Ok(ForkResult::Child),
+        pid => Ok(ForkResult::Parent {
+            child: Pid::from_raw(pid as i32),
+        }),
     }
 }
 
@@ -423,10 +467,11 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
             &[],
         );
     }
-    // Everything the execution starts lives in a pid namespace of its own, whose init is the
-    // exec-init below: when it exits, the kernel kills every process left (setsid'd and
-    // double-forked daemons included).
-    unshare(CloneFlags::CLONE_NEWPID).map_err(io::Error::other)?;
+    // This handler is pid 1 of a pid namespace of its own (runner-init cloned it into one):
+    // everything the execution starts lives there. The handler reaps it all, and kills what
+    // is left when the command ends, before it reports the end; and should the handler
+    // itself die, the kernel kills every process in there (setsid'd and double-forked
+    // daemons included).
     let request = ctx.request;
     let argv = shell_argv(&request.command);
     let envp = environment_for(
@@ -435,50 +480,82 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
         &request.environment,
         request.tty,
     );
+    // SIGCHLD, blocked, arrives on a signalfd: one poll waits for the client's hang-up and
+    // for children. (The command unblocks every signal before it execs.)
+    let mut sigchld = SigSet::empty();
+    sigchld.add(Signal::SIGCHLD);
+    sigchld.thread_block().map_err(io::Error::other)?;
+    let children = SignalFd::with_flags(&sigchld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(io::Error::other)?;
     // SAFETY: single-threaded process.
-    let exec_init = match unsafe { fork() }.map_err(io::Error::other)? {
-        ForkResult::Child => exec_init(ctx, &fds, &argv, &envp, stream),
+    let command = match unsafe { fork() }.map_err(io::Error::other)? {
+        ForkResult::Child => start_command(ctx, &fds, &argv, &envp),
         ForkResult::Parent { child } => child,
     };
+    // Only the command may hold the streams, so that they end when it and its children do.
     drop(fds);
-    send_frame(stream, &Response::Started, &[])?;
-    let pidfd = pidfd_open(exec_init)?;
+    if let Err(e) = send_frame(stream, &Response::Started, &[]) {
+        kill_all();
+        return Err(e);
+    }
     let mut buf = [0u8; 64];
     loop {
         let mut polls = [
             PollFd::new(stream.as_fd(), PollFlags::POLLIN),
-            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(children.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut polls, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                kill_all();
+                return Err(e.into());
+            }
             Ok(_) => {}
         }
         if polls[1].any().unwrap_or(false) {
-            let code = match waitpid(exec_init, None) {
-                Ok(WaitStatus::Exited(_, code)) => code as u8,
-                Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as u8,
-                _ => 255,
-            };
-            return send_frame(stream, &Response::Exited { code }, &[]);
+            while let Ok(Some(_)) = children.read_signal() {}
+            if let Some(code) = reap(command) {
+                kill_all();
+                return send_frame(stream, &Response::Exited { code }, &[]);
+            }
         }
         if polls[0].any().unwrap_or(false) {
             // Any byte or the end of the stream means: stop.
             let _ = (&*stream).read(&mut buf);
-            let _ = nix::sys::signal::kill(exec_init, Signal::SIGKILL);
-            let _ = waitpid(exec_init, None);
+            kill_all();
             return Ok(());
         }
     }
 }
 
-fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    let pid = rustix::process::Pid::from_raw(pid.as_raw())
-        .ok_or_else(|| io::Error::other("no such pid"))?;
-    Ok(rustix::process::pidfd_open(
-        pid,
-        rustix::process::PidfdFlags::empty(),
-    )?)
+/// Reaps every child that has ended; the command's status (128 + signal for a signal) once
+/// the command is among them.
+fn reap(command: Pid) -> Option<u8> {
+    let mut end = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == command => end = Some(code as u8),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                end = Some(128u8.wrapping_add(sig as u8))
+            }
+            Ok(WaitStatus::StillAlive) => return end,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            // ECHILD: nothing left to wait for.
+            Err(_) => return end,
+        }
+    }
+}
+
+/// As pid 1 of the execution's pid namespace: kills every other process in there and reaps
+/// them, so that nothing of the execution is left when its end is reported.
+fn kill_all() {
+    let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+    loop {
+        match waitpid(None, None) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Leaves a forked child at once, without running destructors or exit handlers that belong
@@ -544,42 +621,6 @@ fn environment_for(
     vars.into_iter()
         .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
         .collect()
-}
-
-/// pid 1 of the execution's pid namespace: starts the command, reaps everything, and exits
-/// with the command's status once the command itself has ended.
-fn exec_init(
-    ctx: &ExecContext,
-    fds: &[OwnedFd],
-    argv: &[CString],
-    envp: &[CString],
-    stream: &UnixStream,
-) -> ! {
-    // SAFETY: single-threaded process.
-    let command = match unsafe { fork() } {
-        Ok(ForkResult::Child) => start_command(ctx, fds, argv, envp),
-        Ok(ForkResult::Parent { child }) => child,
-        Err(_) => std::process::exit(126),
-    };
-    // Only the command may hold the streams, so that they end when it and its children do.
-    // (This process never returns, so the owned values are never dropped: close the fds.)
-    for fd in fds
-        .iter()
-        .map(AsRawFd::as_raw_fd)
-        .chain([stream.as_raw_fd()])
-    {
-        let _ = nix::unistd::close(fd);
-    }
-    loop {
-        match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == command => std::process::exit(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
-                std::process::exit(128 + sig as i32)
-            }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => std::process::exit(255),
-        }
-    }
 }
 
 fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[CString]) -> ! {

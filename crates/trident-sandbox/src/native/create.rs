@@ -1,7 +1,6 @@
 //! Making a runner: its spec (limits, id range, network, root filesystem), then its
 //! runner-init, started and waited for until it says it is ready.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 
@@ -172,8 +171,13 @@ impl NativeBackend {
         let log = std::fs::File::create(dir.join("init.log")).map_err(failed)?;
         let (ready_r, ready_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
-        let ready_w_raw = ready_w.as_raw_fd();
 
+        // No pre_exec: without one, std starts the child with posix_spawn (a vfork-like
+        // clone that shares the server's memory until the exec) instead of a fork that
+        // copies the page tables of the whole server, which costs milliseconds per runner
+        // once the server holds many. What pre_exec did, runner-init does as its first
+        // steps: its own session (setsid), and the ready pipe, given as its stdout, moved
+        // to fd 3 (init::main).
         let mut command = tokio::process::Command::new(&self.exe);
         command
             .arg("runner-init")
@@ -182,20 +186,11 @@ impl NativeBackend {
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(ready_w))
             .stderr(log);
-        // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                // Its own session: a Ctrl-C or a signal to the server's group spares runners.
-                if libc::setsid() < 0 || libc::dup2(ready_w_raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let child = command.spawn().map_err(failed)?;
-        drop(ready_w);
+        // Our copy of the write end must go, or the ready pipe never ends.
+        drop(command);
 
         let sandbox = NativeSandbox::new(
             self,
