@@ -194,7 +194,7 @@ async fn bad_input_is_refused_with_a_message_and_changes_nothing() {
         ("prewarmingPoolSize", json!(-1), ""),
         ("prewarmingPoolSize", Value::Null, ""),
         ("prewarmingPoolSize", json!(1.5), ""),
-        ("prewarmingPoolSize", json!(1001), "maximum"),
+        ("prewarmingPoolSize", json!(10_001), "maximum"),
         ("cpuLimit", json!(-20), ""),
         ("memoryLimit", json!(-256), ""),
         ("memoryLimit", json!(4294967296u64), ""),

@@ -128,7 +128,13 @@ pub fn main(dir: &Path) -> ! {
                 }
             }
         }
-        Err(e) => fail(&mut ready, &format!("fork: {e}")),
+        Err(e) => fail(
+            &mut ready,
+            &format!(
+                "fork: {e} (EAGAIN: the processes of all runners reached the pids limit of \
+                 trident's cgroup parent, or the host's kernel.pid_max)"
+            ),
+        ),
     }
 }
 

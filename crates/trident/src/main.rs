@@ -50,7 +50,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let settings = config::Settings::resolve(args)?;
             init_logging(&settings.server.log);
-            raise_open_files_limit();
+            let open_files = raise_open_files_limit();
+            tracing::debug!(open_files, "limit on open files");
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -80,13 +81,28 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Lifts the soft limit on open files to the hard one: a server holding thousands of agents'
-/// long polls needs a socket for each, and the usual soft limit is 1024. (Executions get
-/// their own, low limit from the sandbox.)
-fn raise_open_files_limit() {
+/// Lifts the limit on open files as far as this process may: a server holding thousands of
+/// agents' long polls needs a socket for each, and one fd (a pidfd) per runner it started,
+/// while the usual soft limit is 1024. As root the hard limit goes up to the kernel's
+/// `fs.nr_open` too (10,000 runners and as many agents need more than the 20,000 some hosts
+/// set); otherwise the soft limit rises to the hard one. (Executions get their own, low limit
+/// from the sandbox.) Returns the limit now in force.
+pub(crate) fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if let Some(max) = nr_open.filter(|&max| max > hard) {
+        if setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok() {
+            return max;
+        }
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(_) => soft,
     }
 }
 

@@ -66,7 +66,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             claim_wait: Duration::from_secs(10),
             max_concurrent_creations: 4,
-            max_pool_size: 1000,
+            max_pool_size: 10_000,
             pool_depletion_threshold: 0.0,
             pending_execution_ttl: Duration::from_secs(600),
             max_pending_executions: 64,

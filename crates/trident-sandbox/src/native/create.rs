@@ -188,7 +188,16 @@ impl NativeBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::from(ready_w))
             .stderr(log);
-        let child = command.spawn().map_err(failed)?;
+        let child = command.spawn().map_err(|e| match e.raw_os_error() {
+            // The server holds one fd (a pidfd) per runner it started: its own limit on open
+            // files is a real bound on how many runners it can hold.
+            Some(libc::EMFILE | libc::ENFILE) => BackendError::Failed(format!(
+                "starting a runner-init: {e}: the server holds one open file per runner, raise \
+                 its limit on open files (LimitNOFILE=, ulimit -n; the server lifts its soft \
+                 limit to the hard one, and as root up to fs.nr_open)"
+            )),
+            _ => failed(e),
+        })?;
         // Our copy of the write end must go, or the ready pipe never ends.
         drop(command);
 

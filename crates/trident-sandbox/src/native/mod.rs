@@ -143,6 +143,15 @@ impl NativeBackend {
         cgroups
             .limit_subtree(&cgroup_parent, processes)
             .map_err(|e| anyhow::anyhow!("limiting the processes of all runners: {e}"))?;
+        // An idle runner is two processes (runner-init and its pid 1): this bounds how many
+        // runners the instance can hold, and a creation past it fails with EAGAIN.
+        tracing::info!(
+            processes,
+            idle_runners = processes / 2,
+            "all runners together may have this many processes (three quarters of \
+             kernel.pid_max or threads-max, or max_runner_processes): raise kernel.pid_max \
+             for more runners"
+        );
         if config.lift_file_max {
             match host_limits::lift_file_max() {
                 Ok(Some(before)) => tracing::info!(

@@ -474,7 +474,7 @@ pub(crate) fn local_bash(command: &str) -> anyhow::Result<Duration> {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Idle agents, load clients and their runners need a socket each.
-    crate::raise_open_files_limit();
+    let _ = crate::raise_open_files_limit();
     let client = Client {
         // Many idle agents each hold a connection.
         http: reqwest::Client::builder()
