@@ -77,12 +77,18 @@ pub enum Response {
     Error(BackendError),
 }
 
-/// Writes one frame, passing `fds` with its first byte.
-pub fn send_frame<T: Serialize>(stream: &UnixStream, message: &T, fds: &[RawFd]) -> io::Result<()> {
+/// One frame: the length, then the JSON body.
+pub fn encode_frame<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
     let body = serde_json::to_vec(message).map_err(io::Error::other)?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Writes one frame, passing `fds` with its first byte.
+pub fn send_frame<T: Serialize>(stream: &UnixStream, message: &T, fds: &[RawFd]) -> io::Result<()> {
+    let frame = encode_frame(message)?;
     let mut sent = 0;
     if !fds.is_empty() {
         let cmsg = [ControlMessage::ScmRights(fds)];

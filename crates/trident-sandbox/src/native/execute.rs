@@ -2,14 +2,15 @@
 //! pipe so that clients can tell the two apart; the end comes over the control socket, and
 //! closing that connection kills the execution.
 
+use std::io::IoSlice;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use tokio::io::AsyncReadExt;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 use trident_core::backend::{
     BackendError, BackendExecution, BackendResult, ExecSpec, ExecutionControl, ExitOutcome, Output,
@@ -17,7 +18,7 @@ use trident_core::backend::{
 
 use super::{failed, NativeSandbox};
 use crate::fdio::FdStream;
-use crate::protocol::{recv_frame, send_frame, ExecRequest, Request, Response, MAX_FRAME};
+use crate::protocol::{encode_frame, ExecRequest, Request, Response, MAX_FRAME};
 
 /// Kills an execution by dropping its half of the connection: the handler in the runner
 /// sees the hang-up and kills the execution's pid namespace.
@@ -57,25 +58,52 @@ impl NativeSandbox {
             environment: spec.environment,
             tty: true,
         });
-        let slave = pty.slave;
-        let stream = tokio::task::spawn_blocking(move || -> std::io::Result<UnixStream> {
-            let stream = UnixStream::connect(&socket)?;
-            let fds = [slave.as_raw_fd(), slave.as_raw_fd(), err_w.as_raw_fd()];
-            send_frame(&stream, &request, &fds)?;
-            // Our copies must close now, or the streams would never reach end-of-file.
-            drop(slave);
-            drop(err_w);
-            match recv_frame::<Response>(&stream)? {
-                Some((Response::Started, _)) => Ok(stream),
-                Some((other, _)) => Err(std::io::Error::other(format!("{other:?}"))),
-                None => Err(std::io::Error::other("runner-init closed the connection")),
+        // On the runtime itself, not on a blocking thread: connecting to a local socket and
+        // sending a small frame with the three fds never block, and the answer is awaited;
+        // the two hand-offs to and from a pool thread cost more than all of that.
+        let mut stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| BackendError::Failed(format!("starting the execution: {e}")))?;
+        let frame = encode_frame(&request).map_err(failed)?;
+        let fds = [
+            pty.slave.as_raw_fd(),
+            pty.slave.as_raw_fd(),
+            err_w.as_raw_fd(),
+        ];
+        let started = async {
+            let sent = stream
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    let cmsg = [ControlMessage::ScmRights(&fds)];
+                    sendmsg::<()>(
+                        stream.as_raw_fd(),
+                        &[IoSlice::new(&frame)],
+                        &cmsg,
+                        MsgFlags::MSG_NOSIGNAL,
+                        None,
+                    )
+                    .map_err(std::io::Error::from)
+                })
+                .await?;
+            stream.write_all(&frame[sent..]).await?;
+            std::io::Result::Ok(())
+        }
+        .await;
+        // Our copies must close now, or the streams would never reach end-of-file.
+        drop(pty.slave);
+        drop(err_w);
+        let answer = match started {
+            Ok(()) => read_frame(&mut stream).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Response::Started) => {}
+            Ok(other) => {
+                return Err(BackendError::Failed(format!(
+                    "starting the execution: {other:?}"
+                )))
             }
-        })
-        .await
-        .map_err(failed)?
-        .map_err(|e| BackendError::Failed(format!("starting the execution: {e}")))?;
-        stream.set_nonblocking(true).map_err(failed)?;
-        let mut stream = tokio::net::UnixStream::from_std(stream).map_err(failed)?;
+            Err(e) => return Err(BackendError::Failed(format!("starting the execution: {e}"))),
+        }
 
         let master_for_stdin = pty.master.try_clone().map_err(failed)?;
         let stdin = FdStream::new(master_for_stdin, true).map_err(failed)?;
