@@ -243,7 +243,12 @@ impl Client {
         if let Some(t) = &self.token {
             request.headers_mut().insert("Poseidon-Token", t.parse()?);
         }
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
+        // A small read buffer: the default 128 KiB is allocated zeroed per connection, which
+        // would make the load generator heavier than what it measures.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4 * 1024);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
         phases[1] = Instant::now();
         let mut stdout = String::new();
         while let Some(message) = ws.next().await {
