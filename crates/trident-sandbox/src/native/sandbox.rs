@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use tokio::io::AsyncReadExt;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trident_core::backend::{
     BackendError, BackendExecution, BackendResult, ExecSpec, FileDownload, Sandbox,
 };
@@ -19,7 +20,7 @@ use super::{failed, NativeBackend};
 use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
 use crate::network::{self, RunnerNetwork};
-use crate::protocol::{recv_frame, send_frame, Request, Response};
+use crate::protocol::{encode_frame, recv_frame, send_frame, Request, Response, MAX_FRAME};
 
 pub struct NativeSandbox {
     /// Its network, if it has one.
@@ -72,21 +73,22 @@ impl NativeSandbox {
         self.network.as_ref()
     }
 
-    /// One request, one answer, on a fresh connection (blocking I/O on a pool thread).
+    /// One request, one answer, on a fresh connection, awaited on the runtime (a local
+    /// connection and a small frame never block; a hop to a blocking thread and back would
+    /// cost more than the work).
     pub(super) async fn call(&self, request: Request) -> BackendResult<(Response, Vec<OwnedFd>)> {
         if self.destroyed.load(Ordering::Acquire) {
             return Err(BackendError::Failed("the runner is gone".into()));
         }
-        let socket = self.socket.clone();
-        tokio::task::spawn_blocking(move || {
-            let stream = UnixStream::connect(&socket)?;
-            send_frame(&stream, &request, &[])?;
-            recv_frame::<Response>(&stream)?
+        let answer = async {
+            let mut stream = tokio::net::UnixStream::connect(&self.socket).await?;
+            stream.write_all(&encode_frame(&request)?).await?;
+            recv_frame_async(&mut stream)
+                .await?
                 .ok_or_else(|| std::io::Error::other("runner-init closed the connection"))
-        })
-        .await
-        .map_err(failed)?
-        .map_err(|e| BackendError::Failed(format!("runner control socket: {e}")))
+        }
+        .await;
+        answer.map_err(|e| BackendError::Failed(format!("runner control socket: {e}")))
     }
 
     /// Kills every process of the runner (freezing its cgroup first), removes its cgroup,
@@ -122,6 +124,55 @@ impl NativeSandbox {
         drop(self.leases.lock().unwrap_or_else(|p| p.into_inner()).take());
         cleaned.map_err(|e| BackendError::Failed(format!("removing the runner's directory: {e}")))
     }
+}
+
+/// `protocol::recv_frame` on the runtime: the first read through recvmsg, so that fds sent
+/// with the frame (an opened file) are picked up. `Ok(None)` at a clean end of stream.
+async fn recv_frame_async(
+    stream: &mut tokio::net::UnixStream,
+) -> std::io::Result<Option<(Response, Vec<OwnedFd>)>> {
+    use std::os::fd::FromRawFd;
+    let mut header = [0u8; 4];
+    let (got, fds) = stream
+        .async_io(tokio::io::Interest::READABLE, || {
+            let mut cmsg_space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let mut iov = [std::io::IoSliceMut::new(&mut header)];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().map_err(std::io::Error::other)? {
+                if let ControlMessageOwned::ScmRights(received) = cmsg {
+                    // SAFETY: the kernel just installed these descriptors for us; we own them.
+                    fds.extend(
+                        received
+                            .into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            Ok((msg.bytes, fds))
+        })
+        .await?;
+    if got == 0 {
+        return Ok(None);
+    }
+    stream.read_exact(&mut header[got..]).await?;
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "control frame too large",
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    let message = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+    Ok(Some((message, fds)))
 }
 
 pub(super) fn unexpected(r: Response) -> BackendError {
