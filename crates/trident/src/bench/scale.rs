@@ -8,7 +8,9 @@
 //! root to read other processes' smaps): the PSS of the runner's processes
 //! (`/proc/<pid>/smaps_rollup`) plus its cgroup's memory usage. The two overlap (a
 //! process's anonymous pages are charged to its cgroup too); both are printed apart as
-//! well.
+//! well. Beside them, how much the host's kernel slab grew per runner over the fill: kernel
+//! objects of a runner's namespaces, mounts and cgroups that its cgroup is not always
+//! charged for (system-wide, so the neighbours' allocations count too).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -50,6 +52,9 @@ pub async fn run(
     report.figure("scale_runners_per_s", scale.rate);
     report.figure("scale_runners_per_s_last_tenth", scale.last_tenth_rate);
     report.figure("scale_fill_s", scale.fill.as_secs_f64());
+    if let Some(slab) = scale.slab_mib {
+        report.figure("scale_kernel_slab_mib_per_runner", slab);
+    }
     if let Some(memory) = &scale.memory {
         report.figure("scale_mib_per_runner", memory.pss_mib + memory.cgroup_mib);
         report.figure("scale_pss_mib_per_runner", memory.pss_mib);
@@ -88,6 +93,12 @@ pub async fn run(
              this host (run the bench beside the server, as root)\n",
         ),
     }
+    if let Some(slab) = scale.slab_mib {
+        summary.push_str(&format!(
+            "the host's kernel slab grew by {slab:.3} MiB per runner over the fill (system-wide, \
+             not in the cgroup's usage on every layout)\n"
+        ));
+    }
     if scale.instance_dir.is_some() {
         summary.push_str(&format!(
             "teardown of all {} runners: {:.2} s\n",
@@ -108,6 +119,9 @@ struct Scale {
     instance_dir: Option<PathBuf>,
     /// Names of the runners' cgroups (under `instance_dir`).
     cgroups: BTreeSet<String>,
+    /// How much the host's kernel slab grew per runner over the fill (system-wide: other
+    /// processes' allocations count too).
+    slab_mib: Option<f64>,
 }
 
 struct Memory {
@@ -128,6 +142,7 @@ async fn measure(env: &Environment<'_>, runners: usize, n: usize) -> anyhow::Res
     let claims_small = claims(env, SMALL_POOL, n).await?;
     let executions_small = executions(client, &probe, n).await?;
 
+    let slab_before = slab_kib();
     env.resize(runners).await?;
     let start = Instant::now();
     // When each tenth of the fill was reached.
@@ -142,6 +157,11 @@ async fn measure(env: &Environment<'_>, runners: usize, n: usize) -> anyhow::Res
     })
     .await?;
     let fill = start.elapsed();
+    let slab_mib = match (slab_before, slab_kib()) {
+        (Some(before), Some(after)) => Some(after as f64 / 1024.0 - before as f64 / 1024.0),
+        _ => None,
+    }
+    .map(|grown| grown / total as f64);
     let rate = total as f64 / fill.as_secs_f64();
     let nine_tenths = marks[9].unwrap_or_default();
     let last_tenth_rate = (total as f64 / 10.0) / (fill - nine_tenths).as_secs_f64().max(1e-6);
@@ -181,7 +201,17 @@ async fn measure(env: &Environment<'_>, runners: usize, n: usize) -> anyhow::Res
         memory,
         instance_dir,
         cgroups,
+        slab_mib,
     })
+}
+
+/// The kernel's slab memory (`Slab:` of /proc/meminfo), in KiB.
+fn slab_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Claims with `idle` runners idle: each claimed runner is deleted and the pool refilled
