@@ -524,19 +524,35 @@ async fn an_image_saved_by_docker_loads_offline() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_trident"))
         .args(["image", "--data-dir"])
         .arg(&data_dir)
-        .args(["pull", &format!("docker-archive:{}", archive.display()), "--as", "team/offline:1"])
+        .args([
+            "pull",
+            &format!("docker-archive:{}", archive.display()),
+            "--as",
+            "team/offline:1",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("docker.io/team/offline:1 ready: 3 layers"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("docker.io/team/offline:1 ready: 3 layers"),
+        "{stdout}"
+    );
     let server = Server::start_with(Options {
         config_yaml: Some("claim_wait_seconds: 60\n".into()),
         data_dir: Some(data_dir),
         ..Options::default()
     });
     let r = server
-        .send(Method::PUT, "/execution-environments/13", image_env(13, "team/offline:1", 1))
+        .send(
+            Method::PUT,
+            "/execution-environments/13",
+            image_env(13, "team/offline:1", 1),
+        )
         .await;
     assert_eq!(r.status(), 201);
     let runner = server.claim(13, 0).await;

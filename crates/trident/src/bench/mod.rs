@@ -11,12 +11,15 @@
 //! - `learners`: a CodeOcean-shaped flow (claim, copy 5 files, `python3`, list, delete);
 //! - `files`: PATCH of 10 small files, an 8 MiB copy and a 64 MiB download beside a local `cp`;
 //! - `jobs`: the GitLab Runner API (pickup, idle pollers, trace appends) against `GET /version`;
-//! - `docker`: a raw Docker Engine exec of `true`, when a Docker socket is there.
+//! - `docker`: a raw Docker Engine exec of `true`, when a Docker socket is there;
+//! - `images`: pull + unpack from a registry on loopback beside `skopeo copy`, and runner
+//!   creation from a multi-layer image beside `host`.
 //!
 //! With `--json` the tables go to stderr and stdout gets one JSON object of the figures.
 
 mod docker;
 mod files;
+mod images;
 mod jobs;
 mod learners;
 mod load;
@@ -73,6 +76,13 @@ pub struct BenchArgs {
     /// Image the docker suite runs its container from (it is never pulled)
     #[arg(long, default_value = "debian:stable-slim")]
     docker_image: String,
+    /// Loopback port of the registry the images suite starts (the server must list
+    /// 127.0.0.1:<port> in insecure_registries)
+    #[arg(long, default_value_t = 5099)]
+    registry_port: u16,
+    /// Runners the images suite makes of each image
+    #[arg(long, default_value_t = 20)]
+    image_runners: usize,
     /// Print one JSON object of the measured figures on stdout (the tables go to stderr)
     #[arg(long)]
     json: bool,
@@ -87,6 +97,7 @@ pub(crate) enum Suite {
     Files,
     Jobs,
     Docker,
+    Images,
     All,
 }
 
@@ -537,6 +548,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.runs(Suite::Docker) {
         docker::run(&mut report, &args.docker_image, n).await?;
+    }
+    if args.runs(Suite::Images) {
+        let result = images::run(
+            &mut report,
+            &client,
+            env(5),
+            args.registry_port,
+            args.image_runners.max(1),
+        )
+        .await;
+        match result {
+            Err(e) if !args.suite.contains(&Suite::Images) => {
+                report.say(&format!("images suite skipped: {e:#}\n"));
+            }
+            other => other?,
+        }
     }
     if args.runs(Suite::Jobs) {
         match args.registration_token.as_deref() {
