@@ -559,55 +559,152 @@ async fn an_image_saved_by_docker_loads_offline() {
     assert_eq!(run(&server, &runner, "cat /data/kept.txt").await, "kept\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hostile_layer_fails_the_pull_by_name_and_touches_nothing_outside() {
-    let registry = Registry::start(None);
-    let outside = tempfile::tempdir().unwrap();
-    let marker = outside.path().join("pwned");
-    let evil = TestImage {
-        layers: vec![busybox_base()
-            .symlink("escape", outside.path().to_str().unwrap())
-            .file("escape/pwned", b"written through a symlink\n", 0o644, 0)
-            .raw_file("../../../../../../tmp/trident-climbed", b"x")
-            .hardlink("shadow", "/etc/shadow")
-            .build(Compression::Gzip)],
-        env: vec![],
-        architecture: "amd64",
-    };
-    registry.push("evil/app", "1", &evil).await;
-    let server = server_for(&[&registry.host], "");
-    let reference = format!("{}/evil/app:1", registry.host);
-    let r = server
-        .send(
-            Method::PUT,
-            "/execution-environments/14",
-            image_env(14, &reference, 1),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
+/// Waits until claims on `env` fail with a message naming a layer entry; returns it.
+async fn refused_pull(server: &Server, env: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let message = loop {
+    loop {
         let r = server
             .send(
                 Method::POST,
                 "/runners",
-                json!({"executionEnvironmentId": 14}),
+                json!({"executionEnvironmentId": env}),
             )
             .await;
         let (status, message) = error_of(r, "claim").await;
-        assert_eq!(status, 500);
+        assert_eq!(status, 500, "{message}");
         if message.contains("layer entry") {
-            break message;
+            return message;
         }
         assert!(Instant::now() < deadline, "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_layers_fail_the_pull_by_name_or_stay_inside_and_touch_nothing_outside() {
+    let registry = Registry::start(None);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, "host secret\n").unwrap();
+    let outside_path = outside.path().to_str().unwrap().to_string();
+    let snapshot = || {
+        let mut names: Vec<String> = std::fs::read_dir(outside.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        (names, std::fs::read_to_string(&secret).unwrap())
     };
-    // The first refused entry is named: the write through the symlink.
-    assert!(message.contains("escape/pwned"), "{message}");
-    assert!(
-        !marker.exists(),
-        "a file was written through the layer's symlink"
-    );
+    let before = snapshot();
+    let server = server_for(&[&registry.host], "max_layer_mb: 8\n");
+
+    // Refused, each naming the entry that was.
+    let refused: Vec<(&str, registry::Layer, &str)> = vec![
+        (
+            "symlink-then-write",
+            LayerBuilder::new()
+                .symlink("escape", &outside_path)
+                .file("escape/pwned", b"written through a symlink\n", 0o644, 0)
+                .build(Compression::Gzip),
+            "escape/pwned",
+        ),
+        (
+            "hardlink-outside",
+            LayerBuilder::new()
+                .hardlink("stolen", &format!("{outside_path}/secret"))
+                .build(Compression::Gzip),
+            "stolen",
+        ),
+        (
+            "hardlink-up",
+            LayerBuilder::new()
+                .raw_hardlink("shadow", "../../../../etc/shadow")
+                .build(Compression::Gzip),
+            "shadow",
+        ),
+        (
+            "over-quota",
+            LayerBuilder::new()
+                .file("big.bin", &registry::incompressible(10 << 20, 3), 0o644, 0)
+                .build(Compression::Zstd),
+            "quota",
+        ),
+    ];
+    for (i, (name, layer, needle)) in refused.into_iter().enumerate() {
+        let image = TestImage {
+            layers: vec![busybox_base().build(Compression::Gzip), layer],
+            env: vec![],
+            architecture: "amd64",
+        };
+        registry.push("evil/app", name, &image).await;
+        let env = 30 + i as u64;
+        let reference = format!("{}/evil/app:{name}", registry.host);
+        let r = server
+            .send(
+                Method::PUT,
+                &format!("/execution-environments/{env}"),
+                image_env(env, &reference, 1),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+        let message = refused_pull(&server, env).await;
+        assert!(message.contains(needle), "{name}: {message}");
+        assert_eq!(snapshot(), before, "{name} changed the host");
+    }
     assert!(!std::path::Path::new("/tmp/trident-climbed").exists());
+
+    // Confined: `..` and absolute names land inside the layer, a device node is useless
+    // behind nodev, and a forged opaque xattr hides nothing.
+    let mut forged = LayerBuilder::new();
+    forged.pax_dir("keep", &[("SCHILY.xattr.trusted.overlay.opaque", b"y")]);
+    let confined = TestImage {
+        layers: vec![
+            busybox_base()
+                .dir("keep", 0o755, 0)
+                .file("keep/lower.txt", b"still here\n", 0o644, 0)
+                .build(Compression::Gzip),
+            forged
+                .raw_file("../../../../climbed.txt", b"climbed\n")
+                .raw_file("/abs/inside.txt", b"absolute\n")
+                .device("nodes/null", 1, 3)
+                .build(Compression::Gzip),
+        ],
+        env: vec![],
+        architecture: "amd64",
+    };
+    registry.push("evil/app", "confined", &confined).await;
+    let reference = format!("{}/evil/app:confined", registry.host);
+    let r = server
+        .send(
+            Method::PUT,
+            "/execution-environments/40",
+            image_env(40, &reference, 1),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let runner = server.claim(40, 0).await;
+    assert_eq!(
+        run(
+            &server,
+            &runner,
+            "cat /climbed.txt /abs/inside.txt /keep/lower.txt"
+        )
+        .await,
+        "climbed\nabsolute\nstill here\n"
+    );
+    let out = run(
+        &server,
+        &runner,
+        "stat -c %t:%T /nodes/null; cat /nodes/null && echo opened || echo refused",
+    )
+    .await;
+    // The node exists (as containerd makes them) but opens nothing: the mounts are nodev.
+    assert!(
+        out.starts_with("1:3\n") && out.ends_with("refused\n"),
+        "{out}"
+    );
+    assert_eq!(snapshot(), before);
+    assert!(!std::path::Path::new("/climbed.txt").exists());
+    assert!(!std::path::Path::new("/abs/inside.txt").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,6 +293,39 @@ impl LayerBuilder {
         self
     }
 
+    /// A hard link whose target the tar crate would refuse (`..`).
+    pub fn raw_hardlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Link, 0o644, 0);
+        h.set_path(path).unwrap();
+        let link = &mut h.as_old_mut().linkname;
+        link[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.tar.append(&h, std::io::empty()).unwrap();
+        self
+    }
+
+    /// A directory with PAX records (e.g. xattrs as `SCHILY.xattr.<name>`).
+    pub fn pax_dir(&mut self, path: &str, records: &[(&str, &[u8])]) {
+        self.tar
+            .append_pax_extensions(records.iter().copied())
+            .unwrap();
+        let mut h = Self::header(tar::EntryType::Directory, 0o755, 0);
+        self.tar
+            .append_data(&mut h, path, std::io::empty())
+            .unwrap();
+    }
+
+    /// A character device node.
+    pub fn device(mut self, path: &str, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(tar::EntryType::Char, 0o666, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.tar
+            .append_data(&mut h, path, std::io::empty())
+            .unwrap();
+        self
+    }
+
     pub fn symlink(mut self, path: &str, target: &str) -> Self {
         let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
         self.tar.append_link(&mut h, path, target).unwrap();
