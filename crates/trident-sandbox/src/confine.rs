@@ -119,12 +119,12 @@ const UNAVAILABLE: &[i64] = &[
     libc::SYS_io_getevents,
 ];
 
-/// The filters every execution loads: the deny list (EPERM) with the socket allow-list,
-/// the unavailable syscalls (ENOSYS), and, on x86_64, the refusal of the x32 ABI.
+/// The one filter every execution loads: the refusal of the x32 ABI (x86_64), the
+/// unavailable syscalls (ENOSYS), then the deny list (EPERM) with the socket allow-list.
+/// One program, not three stacked ones: the kernel checks, converts, JITs and caches every
+/// filter at each install, and runs each stacked filter on every syscall.
 pub struct Filters {
-    deny: BpfProgram,
-    unavailable: BpfProgram,
-    abi: Option<BpfProgram>,
+    program: BpfProgram,
 }
 
 fn seccomp_err(e: impl std::fmt::Debug) -> io::Error {
@@ -192,47 +192,99 @@ pub fn compile() -> io::Result<Filters> {
     )
     .and_then(BpfProgram::try_from)
     .map_err(seccomp_err)?;
-    let unavailable = SeccompFilter::new(
-        UNAVAILABLE.iter().map(|&nr| (nr, Vec::new())).collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .and_then(BpfProgram::try_from)
-    .map_err(seccomp_err)?;
     Ok(Filters {
-        deny,
-        unavailable,
-        abi: x32_refusal(),
+        program: merged(&deny)?,
     })
 }
 
-/// On x86_64 the x32 ABI shares the audit arch with the native one, under its own syscall
-/// numbers (`nr | 0x40000000`), some of which exist only there: refused as a whole, with
-/// EPERM. (seccompiler matches exact numbers only, so these five instructions are written
-/// by hand; i386 syscalls carry another audit arch, which seccompiler's own prologue kills.)
-fn x32_refusal() -> Option<BpfProgram> {
-    use seccompiler::sock_filter;
-    if std::env::consts::ARCH != "x86_64" {
-        return None;
+// Classic BPF opcodes (linux/bpf_common.h) and offsets in struct seccomp_data (nr at 0,
+// arch at 4), for the instructions written by hand: seccompiler builds one filter with one
+// match action, and matches exact syscall numbers only.
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JEQ_K: u16 = 0x15;
+const BPF_JGE_K: u16 = 0x35;
+const BPF_JA: u16 = 0x05;
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_DATA_ARCH: u32 = 4;
+
+/// The audit arch of the syscalls native to this build (what seccompiler's prologue checks).
+fn native_audit_arch() -> io::Result<u32> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(0xc000_003e),
+        "aarch64" => Ok(0xc000_00b7),
+        "riscv64" => Ok(0xc000_00f3),
+        other => Err(io::Error::other(format!(
+            "seccomp: no audit arch known for {other}"
+        ))),
     }
-    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-    // BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_JMP|BPF_JGE|BPF_K, BPF_RET|BPF_K.
-    const LOAD: u16 = 0x20;
-    const JEQ: u16 = 0x15;
-    const JGE: u16 = 0x35;
-    const RET: u16 = 0x06;
-    // Offsets in struct seccomp_data: nr at 0, arch at 4.
+}
+
+/// One program from the hand-written checks and seccompiler's `deny` program after them:
+///
+/// ```text
+/// load arch; not native → deny (whose own prologue kills a foreign arch)
+/// load nr; x86_64: nr ≥ x32 bit → EPERM
+/// nr ∈ UNAVAILABLE → ENOSYS
+/// deny
+/// ```
+///
+/// Jumps in classic BPF are relative and forward only, so `deny` works unchanged behind a
+/// prefix.
+fn merged(deny: &BpfProgram) -> io::Result<BpfProgram> {
+    use seccompiler::sock_filter;
     let at = |code, jt, jf, k| sock_filter { code, jt, jf, k };
-    Some(vec![
-        at(LOAD, 0, 0, 4),
-        at(JEQ, 0, 3, AUDIT_ARCH_X86_64),
-        at(LOAD, 0, 0, 0),
-        at(JGE, 0, 1, X32_SYSCALL_BIT),
-        at(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
-        at(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ])
+    let x32 = std::env::consts::ARCH == "x86_64";
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let n = UNAVAILABLE.len();
+    // Instructions before `deny`: 2 (arch) + 1 (load nr) + 2 (x32) + n + 2 (skip, ENOSYS).
+    let prefix_len = 3 + if x32 { 2 } else { 0 } + n + 2;
+    let to_deny = u8::try_from(prefix_len - 2).map_err(seccomp_err)?;
+    let mut program = vec![
+        at(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        at(BPF_JEQ_K, 0, to_deny, native_audit_arch()?),
+        at(BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
+    ];
+    if x32 {
+        // x32 shares the native audit arch, under its own numbers (`nr | 0x40000000`), some
+        // of which exist only there: refused as a whole.
+        program.push(at(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT));
+        program.push(at(
+            BPF_RET_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ));
+    }
+    for (i, &nr) in UNAVAILABLE.iter().enumerate() {
+        // A match jumps to the ENOSYS return right after the skip below.
+        let to_enosys = u8::try_from(n - i).map_err(seccomp_err)?;
+        program.push(at(BPF_JEQ_K, to_enosys, 0, nr as u32));
+    }
+    program.push(at(BPF_JA, 0, 0, 1));
+    program.push(at(
+        BPF_RET_K,
+        0,
+        0,
+        libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+    ));
+    debug_assert_eq!(program.len(), prefix_len);
+    program.extend_from_slice(deny);
+    Ok(program)
+}
+
+/// Narrows runner-init's bounding set to what privileged executions keep, once per runner,
+/// so that an execution drops at most `PRIVILEGED_CAPS` (a `prctl` each) instead of every
+/// capability the kernel knows. The bounding set only limits what an `execve` grants:
+/// runner-init and its handlers keep their effective capabilities, and they exec nothing but
+/// the executions' commands.
+pub fn narrow_bounding_set() -> io::Result<()> {
+    for cap in caps::all() {
+        if !PRIVILEGED_CAPS.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(io::Error::other)?;
+        }
+    }
+    Ok(())
 }
 
 /// Gives up everything an execution must not have. Runs as root in the command's process,
@@ -248,9 +300,10 @@ pub fn confine(
         CapsHashSet::new()
     };
     // The bounding set decides what root gets back at exec; a dropped capability can never
-    // be regained by this process tree.
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
+    // be regained by this process tree. runner-init narrowed it to PRIVILEGED_CAPS already
+    // (`narrow_bounding_set`); an unprivileged execution drops those too.
+    if !privileged {
+        for cap in PRIVILEGED_CAPS {
             caps::drop(None, CapSet::Bounding, cap).map_err(io::Error::other)?;
         }
     }
@@ -268,10 +321,6 @@ pub fn confine(
         caps::set(None, CapSet::Effective, &keep).map_err(io::Error::other)?;
         caps::set(None, CapSet::Permitted, &keep).map_err(io::Error::other)?;
     }
-    if let Some(abi) = &filters.abi {
-        seccompiler::apply_filter(abi).map_err(seccomp_err)?;
-    }
-    seccompiler::apply_filter(&filters.unavailable).map_err(seccomp_err)?;
-    seccompiler::apply_filter(&filters.deny).map_err(seccomp_err)?;
+    seccompiler::apply_filter(&filters.program).map_err(seccomp_err)?;
     Ok(())
 }

@@ -224,6 +224,9 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
         Ok(filters) => filters,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
+    if let Err(e) = confine::narrow_bounding_set() {
+        fail(&mut ready, &format!("narrowing the bounding set: {e}"));
+    }
     // SAFETY: setting dispositions in a single-threaded process. SIGCHLD ignored = handlers
     // are reaped by the kernel; SIGPIPE ignored = a vanished client is an EPIPE, not a death.
     unsafe {
@@ -493,11 +496,28 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
     sigchld.thread_block().map_err(io::Error::other)?;
     let children = SignalFd::with_flags(&sigchld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(io::Error::other)?;
-    // SAFETY: single-threaded process.
-    let command = match unsafe { fork() }.map_err(io::Error::other)? {
-        ForkResult::Child => start_command(ctx, &fds, &argv, &envp),
-        ForkResult::Parent { child } => child,
+    let command = match spawn_command(ctx, &fds, &argv, &envp) {
+        Ok(command) => command,
+        Err(e) => {
+            // Most likely the runner's pids limit.
+            let _ = nix::unistd::write(
+                &fds[2],
+                format!("trident: cannot start the command: clone: {e}\n").as_bytes(),
+            );
+            return report_failed_start(stream);
+        }
     };
+    // The OOM killer's first choice, before runner-init and its handlers: when the runner
+    // runs out of memory, it is the execution's processes that go and the runner lives on.
+    if let Err(e) = raise_oom_score(&command) {
+        let _ = nix::unistd::write(
+            &fds[2],
+            format!("trident: cannot start the command: oom_score_adj: {e}\n").as_bytes(),
+        );
+        kill_all();
+        return report_failed_start(stream);
+    }
+    let command = command.pid;
     // Only the command may hold the streams, so that they end when it and its children do.
     drop(fds);
     if let Err(e) = send_frame(stream, &Response::Started, &[]) {
@@ -532,6 +552,13 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
             return Ok(());
         }
     }
+}
+
+/// A command that could not start ends as one whose exec failed would: it started, said
+/// why on its stderr, and exited with 127.
+fn report_failed_start(stream: &UnixStream) -> io::Result<()> {
+    send_frame(stream, &Response::Started, &[])?;
+    send_frame(stream, &Response::Exited { code: 127 }, &[])
 }
 
 /// Reaps every child that has ended; the command's status (128 + signal for a signal) once
@@ -629,7 +656,137 @@ fn environment_for(
         .collect()
 }
 
-fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[CString]) -> ! {
+/// The stack the command's process runs on until it execs (it calls little: the confinement
+/// steps, and an error message when one fails).
+const COMMAND_STACK_BYTES: usize = 256 * 1024;
+
+/// The command's process, by its pid in the handler's pid namespace (for waitpid) and in
+/// the one of the runner's /proc (for its files there).
+struct Command {
+    pid: Pid,
+    proc_pid: i32,
+}
+
+/// What the command's process reads until it execs, and the one thing it reports back.
+struct CommandStart<'a> {
+    ctx: &'a ExecContext<'a>,
+    fds: &'a [OwnedFd],
+    argv: &'a [CString],
+    envp: &'a [CString],
+    /// Written by the child before it execs: its pid as the runner's /proc names it.
+    proc_pid: std::sync::atomic::AtomicI32,
+    /// The write end of a close-on-exec pipe the child holds until its exec is through.
+    exec_done: RawFd,
+}
+
+/// Starts the command the way posix_spawn does: `clone(CLONE_VM | CLONE_VFORK)`, so that the
+/// child runs on this handler's memory until it execs, with no copy of the page tables, no
+/// copy-on-write faults and no copied address space to tear down at exec (the handler
+/// sleeps meanwhile). Hand-written because the child must run trident's own confinement
+/// steps between clone and exec, which no spawn API allows. Returns once the command runs
+/// (or failed to start: it then exits with 127 and says why on its stderr).
+fn spawn_command(
+    ctx: &ExecContext,
+    fds: &[OwnedFd],
+    argv: &[CString],
+    envp: &[CString],
+) -> io::Result<Command> {
+    let (exec_wait, exec_done) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let start = CommandStart {
+        ctx,
+        fds,
+        argv,
+        envp,
+        proc_pid: std::sync::atomic::AtomicI32::new(0),
+        exec_done: exec_done.as_raw_fd(),
+    };
+    let mut stack: Vec<u8> = Vec::with_capacity(COMMAND_STACK_BYTES);
+    // The stack grows down from its end, aligned to 16 bytes as the ABIs want it.
+    let top = (stack.as_mut_ptr() as usize + COMMAND_STACK_BYTES) & !15;
+    extern "C" fn command_main(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `CommandStart` of `spawn_command`, alive until this process
+        // execs or exits (CLONE_VFORK suspends the handler until then).
+        let start = unsafe { &*(arg as *const CommandStart) };
+        start_command(start)
+    }
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    // SAFETY: the child gets a stack of its own and runs `command_main` only, which execs or
+    // _exits; the handler is single-threaded and blocked in clone until then, so nothing
+    // touches the shared memory concurrently.
+    let pid = unsafe {
+        libc::clone(
+            command_main,
+            top as *mut libc::c_void,
+            flags,
+            &start as *const CommandStart as *mut libc::c_void,
+        )
+    };
+    if pid == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stack);
+    // CLONE_VFORK wakes the handler as soon as the child has left this memory, a moment
+    // before the exec has put the new program's memory and credentials in place (and with
+    // them, the owner of its /proc files). The pipe's end closes later in the exec: once it
+    // reads as closed, the command runs as itself (or failed and exited).
+    drop(exec_done);
+    let mut byte = [0u8; 1];
+    while let Err(nix::errno::Errno::EINTR) = nix::unistd::read(exec_wait.as_raw_fd(), &mut byte) {}
+    Ok(Command {
+        pid: Pid::from_raw(pid),
+        proc_pid: start.proc_pid.load(std::sync::atomic::Ordering::Acquire),
+    })
+}
+
+/// Raises the command's `oom_score_adj` to the highest, from the handler, once the command
+/// runs: its process is dumpable then (exec made it so), so its /proc files belong to its
+/// own user, whom root in the runner may write for. (The command cannot do it itself before
+/// exec without making itself, and the memory it shares with the handler, dumpable while it
+/// still holds every capability.) A command that forks within the first microseconds gives
+/// those children the runner's default score: at worst the OOM killer then weighs them
+/// against runner-init by size alone.
+fn raise_oom_score(command: &Command) -> io::Result<()> {
+    if command.proc_pid <= 0 {
+        // The child failed before it knew its pid: it reported that and exited.
+        return Ok(());
+    }
+    let path = format!("/proc/{}/oom_score_adj", command.proc_pid);
+    match std::fs::write(path, EXECUTION_OOM_SCORE_ADJ) {
+        // Already gone (a quick command, or one that could not start): nothing to raise.
+        // Once an exiting process has dropped its memory, its /proc files belong to the
+        // host's root, hence the EACCES then.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT)) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) && is_exiting(command.proc_pid) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether the process `proc_pid` (of the runner's /proc) is exiting or has exited: the
+/// kernel's PF_EXITING in the flags of its `stat`, or no `stat` any more.
+fn is_exiting(proc_pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{proc_pid}/stat")) else {
+        return true;
+    };
+    // After the command name in parentheses: state, ppid, pgrp, session, tty, tpgid, flags.
+    let flags = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok());
+    flags.is_some_and(|flags| flags & PF_EXITING != 0)
+}
+
+/// The command's process, from clone to exec. It shares the handler's memory (see
+/// `spawn_command`): it must not return, and changes nothing the handler reads after it.
+fn start_command(start: &CommandStart) -> ! {
+    let CommandStart {
+        ctx,
+        fds,
+        argv,
+        envp,
+        proc_pid,
+        exec_done,
+    } = start;
     let ExecContext {
         spec,
         filters,
@@ -646,6 +803,15 @@ fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[C
         );
         leave(127)
     };
+    // Its pid as the runner's /proc shows it (the proc mount belongs to runner-init's pid
+    // namespace, not to the handler's), for the handler.
+    match nix::fcntl::readlink("/proc/self")
+        .ok()
+        .and_then(|name| name.to_str()?.parse().ok())
+    {
+        Some(pid) => proc_pid.store(pid, std::sync::atomic::Ordering::Release),
+        None => fail("reading /proc/self"),
+    }
     let _ = nix::unistd::setsid();
     for (i, fd) in fds.iter().enumerate() {
         if nix::unistd::dup2(fd.as_raw_fd(), i as RawFd).is_err() {
@@ -655,9 +821,15 @@ fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[C
     if tty && rustix::process::ioctl_tiocsctty(std::io::stdin()).is_err() {
         fail("controlling terminal");
     }
-    // SAFETY: closes every fd from 3 up; this process owns them all and holds no Rust
-    // value over one of them that it uses afterwards (it execs or exits next).
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+    // Every fd from 3 up but the exec-done pipe (close-on-exec) is closed.
+    let done = *exec_done as u32;
+    // SAFETY: this process owns those fds and holds no Rust value over one of them that it
+    // uses afterwards (it execs or exits next).
+    let closed = unsafe {
+        (done <= 3 || libc::syscall(libc::SYS_close_range, 3u32, done - 1, 0u32) == 0)
+            && libc::syscall(libc::SYS_close_range, done + 1, u32::MAX, 0u32) == 0
+    };
+    if !closed {
         fail("close_range");
     }
     let _ = nix::sys::signal::sigprocmask(
@@ -674,19 +846,6 @@ fn start_command(ctx: &ExecContext, fds: &[OwnedFd], argv: &[CString], envp: &[C
     ] {
         // SAFETY: restoring default dispositions in a single-threaded child about to exec.
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
-    }
-    // The OOM killer's first choice, before runner-init and its handlers: when the runner
-    // runs out of memory, it is the execution's processes that go and the runner lives on.
-    // (Raising one's own score needs no privilege; lowering runner-init's would need
-    // CAP_SYS_RESOURCE, which a host may withhold.)
-    // The process is not dumpable yet (runner-init is not), and /proc files of such a
-    // process belong to the host's root: make it dumpable first, as exec would anyway. Its
-    // memory is runner-init's (nothing secret), and no other execution can see it (own pid
-    // namespace).
-    if nix::sys::prctl::set_dumpable(true).is_err()
-        || std::fs::write("/proc/self/oom_score_adj", EXECUTION_OOM_SCORE_ADJ).is_err()
-    {
-        fail("oom_score_adj");
     }
     if nix::unistd::chdir(WORKSPACE).is_err() {
         let _ = nix::unistd::chdir("/");

@@ -160,6 +160,20 @@ async fn kernel_interfaces_are_out_of_reach() {
         assert_eq!(eff & (1 << bit), 0, "root in a runner has CAP_{name}");
     }
     assert_ne!(eff & 1, 0, "root keeps CAP_CHOWN");
+    // Root's bounding set is exactly the kept set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL,
+    // SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP); every execution runs
+    // under exactly one seccomp filter (one program, not a stack).
+    let run = privileged(
+        &server,
+        &runner,
+        "grep -E \"^(CapBnd|Seccomp_filters)\" /proc/self/status",
+    )
+    .await;
+    let status = run.stdout();
+    assert!(status.contains("CapBnd:\t00000000800405fb"), "{status}");
+    assert!(status.contains("Seccomp_filters:\t1"), "{status}");
+    let run = unprivileged(&server, &runner, "grep ^Seccomp_filters /proc/self/status").await;
+    assert!(run.stdout().contains("Seccomp_filters:\t1"), "{run:?}");
 
     // runner-init and its handlers cannot be inspected or ptraced from inside.
     let run = privileged(&server, &runner, "cat /proc/1/environ").await;
