@@ -167,7 +167,7 @@ async fn measure(env: &Environment<'_>, runners: usize, n: usize) -> anyhow::Res
     let last_tenth_rate = (total as f64 / 10.0) / (fill - nine_tenths).as_secs_f64().max(1e-6);
 
     let cgroups: BTreeSet<String> = match &instance_dir {
-        Some(dir) => runner_cgroups(dir),
+        Some(dir) => runner_cgroups(dir, env.id),
         None => BTreeSet::new(),
     };
     let memory = match &instance_dir {
@@ -254,13 +254,18 @@ fn find_instance_dir(id: &str) -> Option<PathBuf> {
     None
 }
 
-fn runner_cgroups(dir: &Path) -> BTreeSet<String> {
+/// The cgroups of the bench environment's runners (named `<environment id>-<uuid>`): the
+/// server's other environments may have runners beside them, which the fill, the memory
+/// figures and the teardown must not count or wait for.
+fn runner_cgroups(dir: &Path, env_id: u64) -> BTreeSet<String> {
+    let prefix = format!("{env_id}-");
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
         .collect()
 }
 
