@@ -331,8 +331,8 @@ impl Cgroups {
 
 /// Mounts, read-only at `target`, the cgroup hierarchies as the calling process's cgroup
 /// namespace shows them: inside a runner, its own cgroup is the root. On v2 that is one
-/// cgroup2 mount; on v1 a tmpfs with one mount per hierarchy the host has, with the same
-/// controllers (as Docker lays it out).
+/// cgroup2 mount; on v1 one mount per hierarchy the host has, with the same controllers, in
+/// a directory of `target` each (as Docker lays it out; the caller keeps `target` read-only).
 pub fn mount_view(target: &Path) -> io::Result<()> {
     use nix::mount::{mount, MsFlags};
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -349,14 +349,8 @@ pub fn mount_view(target: &Path) -> io::Result<()> {
         )
         .map_err(|e| failed("cgroup2", e));
     }
-    mount(
-        Some("tmpfs"),
-        target,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("size=16k,mode=0755"),
-    )
-    .map_err(|e| failed("tmpfs", e))?;
+    // v1: one directory per hierarchy in `target` (which the caller makes read-only), each
+    // with the hierarchy mounted on it.
     for (name, options) in v1_hierarchies()? {
         let at = target.join(&name);
         fs::create_dir_all(&at)?;
@@ -369,14 +363,7 @@ pub fn mount_view(target: &Path) -> io::Result<()> {
         )
         .map_err(|e| failed(&name, e))?;
     }
-    mount(
-        None::<&str>,
-        target,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | flags,
-        None::<&str>,
-    )
-    .map_err(|e| failed("read-only", e))
+    Ok(())
 }
 
 /// The host's v1 hierarchies: the name each is mounted under in /sys/fs/cgroup and its

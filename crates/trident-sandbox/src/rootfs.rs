@@ -112,6 +112,14 @@ pub fn build(spec: &InitSpec, userns: Option<&OwnedFd>) -> io::Result<(PathBuf, 
     )?;
     let layers = rw.join("layers");
     mkdir_mode(&layers, 0o700)?;
+    // Directories the runner's /sys and the masks of /proc are bound from: parts of this
+    // tmpfs that no path of the runner reaches, owned by the host's root, bound read-only.
+    // Binds instead of a tmpfs each: every superblock registers a shrinker, and the kernel
+    // sizes every memory cgroup's shrinker table by the number of shrinkers the host has
+    // ever had, so that each superblock of each runner costs memory in every runner's cgroup
+    // (docs/PERFORMANCE.md, "Running 10,000 runners").
+    let skeleton = rw.join("skeleton");
+    mkdir_mode(&skeleton, 0o755)?;
 
     let mapping = match &spec.rootfs {
         RootfsSource::Host => {
@@ -226,7 +234,9 @@ pub fn build(spec: &InitSpec, userns: Option<&OwnedFd>) -> io::Result<(PathBuf, 
     let proc = tree.resolve("proc", OFlags::DIRECTORY | OFlags::PATH)?;
     let proc = fd_path(&proc);
     limit_sysv_ipc(&proc)?;
-    mask_proc(&proc)?;
+    let empty = skeleton.join("empty");
+    mkdir_mode(&empty, 0o555)?;
+    mask_proc(&proc, &empty)?;
     // The kernel's knobs stay read-only for the runner.
     for knob in ["sys", "sysrq-trigger", "irq", "bus"] {
         let p = proc.join(knob);
@@ -259,25 +269,30 @@ pub fn build(spec: &InitSpec, userns: Option<&OwnedFd>) -> io::Result<(PathBuf, 
     build_dev(&fd_path(&dev), spec.writable_bytes / 2)?;
     // /sys holds only the runner's own cgroup, read-only (its cgroup namespace makes it the
     // root): runtimes such as the JVM find their limits where they look for them.
+    let sys_skeleton = skeleton.join("sys");
+    mkdir_mode(&sys_skeleton, 0o755)?;
+    for dir in ["fs", "fs/cgroup"] {
+        mkdir_mode(&sys_skeleton.join(dir), 0o755)?;
+    }
+    let sys_skeleton = sys_skeleton.to_string_lossy().into_owned();
     mount_on(
-        "tmpfs /sys",
+        "bind /sys",
         dir_fd("sys"),
-        Some("tmpfs"),
-        Some("tmpfs"),
-        nodev,
-        Some("size=16k,mode=0755"),
+        Some(sys_skeleton.as_str()),
+        None,
+        MsFlags::MS_BIND,
+        None,
     )?;
     let sys = tree.resolve("sys", OFlags::DIRECTORY | OFlags::PATH)?;
-    let cgroup = fd_path(&sys).join("fs/cgroup");
-    fs::create_dir_all(&cgroup)?;
-    crate::cgroup::mount_view(&cgroup)?;
+    crate::cgroup::mount_view(&fd_path(&sys).join("fs/cgroup"))?;
+    // MS_BIND: the flags of this mount only, not of the tmpfs it shows a part of.
     ctx(
         "read-only /sys",
         mount(
             none(),
             &fd_path(&sys),
             none(),
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nodev,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nodev,
             none(),
         ),
     )?;
@@ -342,8 +357,9 @@ fn limit_sysv_ipc(proc: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Files of /proc that tell about the host's kernel or hardware are hidden, as Docker does.
-fn mask_proc(proc: &Path) -> io::Result<()> {
+/// Files of /proc that tell about the host's kernel or hardware are hidden, as Docker does
+/// (directories behind a read-only bind of the empty directory `empty`).
+fn mask_proc(proc: &Path, empty: &Path) -> io::Result<()> {
     for file in [
         "kcore",
         "keys",
@@ -366,12 +382,21 @@ fn mask_proc(proc: &Path) -> io::Result<()> {
         if path.is_dir() {
             ctx(
                 format!("mask /proc/{dir}"),
+                mount(Some(empty), &path, none(), MsFlags::MS_BIND, none()),
+            )?;
+            ctx(
+                format!("read-only mask of /proc/{dir}"),
                 mount(
-                    Some("tmpfs"),
+                    none(),
                     &path,
-                    Some("tmpfs"),
-                    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    Some("size=4096"),
+                    none(),
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV
+                        | MsFlags::MS_NOEXEC,
+                    none(),
                 ),
             )?;
         }

@@ -199,6 +199,19 @@ async fn kernel_interfaces_are_out_of_reach() {
         sizes.iter().all(|s| s == "0"),
         "host kernel details leak: {run:?}"
     );
+    // The masked /proc directories are empty, and they and /sys (read-only binds of
+    // directories the runner cannot otherwise reach) take no new file.
+    let run = privileged(
+        &server,
+        &runner,
+        "ls -A /proc/driver /proc/fs 2>/dev/null | grep -v :$ | grep -c .; for d in /sys /sys/fs /sys/fs/cgroup /proc/driver /proc/fs; do [ -d $d ] && touch $d/planted 2>/dev/null && echo wrote $d; done; echo end",
+    )
+    .await;
+    assert_eq!(
+        run.stdout().replace("\r\n", "\n").trim(),
+        "0\nend",
+        "{run:?}"
+    );
 
     // A read-only root; writable workspace, tmp and writable layer.
     let run = privileged(&server, &runner, "touch /newfile").await;
