@@ -751,13 +751,31 @@ fn raise_oom_score(command: &Command) -> io::Result<()> {
         return Ok(());
     }
     let path = format!("/proc/{}/oom_score_adj", command.proc_pid);
-    match std::fs::write(path, EXECUTION_OOM_SCORE_ADJ) {
-        // Already gone (a quick command, or one that could not start): nothing to raise.
-        // Once an exiting process has dropped its memory, its /proc files belong to the
-        // host's root, hence the EACCES then.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT)) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) && is_exiting(command.proc_pid) => Ok(()),
-        other => other,
+    // The pipe says the exec is past the point where the old memory is gone, not that it is
+    // through: until its new credentials are in place, the file may still belong to the
+    // host's root (seen on 6.1 and 6.12 guests whose lowers are not idmapped). A process
+    // that dropped its memory on the way out looks the same. Hence EACCES means: gone, or
+    // wait a moment (with a bound, so that a genuine refusal is reported).
+    let mut pause = std::time::Duration::from_micros(50);
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match std::fs::write(&path, EXECUTION_OOM_SCORE_ADJ) {
+            // Already gone (a quick command, or one that could not start): nothing to raise.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT)) => {
+                return Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                if is_exiting(command.proc_pid) {
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= give_up {
+                    return Err(e);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
