@@ -257,16 +257,39 @@ pub fn build(spec: &InitSpec, userns: Option<&OwnedFd>) -> io::Result<(PathBuf, 
             )?;
         }
     }
+    // /dev: a directory of the runner's tmpfs too, filled, then bound read-only (its devices,
+    // devpts and /dev/shm are mounts of their own, which keep their flags).
+    let dev_skeleton = skeleton.join("dev");
+    mkdir_mode(&dev_skeleton, 0o755)?;
+    let dev_skeleton = dev_skeleton.to_string_lossy().into_owned();
     mount_on(
-        "tmpfs /dev",
+        "bind /dev",
         dir_fd("dev"),
-        Some("tmpfs"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("size=65536,mode=0755"),
+        Some(dev_skeleton.as_str()),
+        None,
+        MsFlags::MS_BIND,
+        None,
     )?;
     let dev = tree.resolve("dev", OFlags::DIRECTORY | OFlags::PATH)?;
-    build_dev(&fd_path(&dev), spec.writable_bytes / 2)?;
+    // /dev/shm's files count against the runner's writable space with all its other files.
+    let shm = rw.join("shm");
+    mkdir_mode(&shm, 0o1777)?;
+    build_dev(&fd_path(&dev), &shm)?;
+    ctx(
+        "read-only /dev",
+        mount(
+            none(),
+            &fd_path(&dev),
+            none(),
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            none(),
+        ),
+    )?;
     // /sys holds only the runner's own cgroup, read-only (its cgroup namespace makes it the
     // root): runtimes such as the JVM find their limits where they look for them.
     let sys_skeleton = skeleton.join("sys");
@@ -404,8 +427,9 @@ fn mask_proc(proc: &Path, empty: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Fills the runner's fresh /dev tmpfs (mounted by the caller).
-fn build_dev(dev: &Path, shm_bytes: u64) -> io::Result<()> {
+/// Fills the runner's /dev (bound by the caller, still writable); `shm` is the directory of
+/// the runner's tmpfs to bind at /dev/shm.
+fn build_dev(dev: &Path, shm: &Path) -> io::Result<()> {
     for name in DEVICES {
         let target = dev.join(name);
         fs::write(&target, b"")?;
@@ -428,16 +452,20 @@ fn build_dev(dev: &Path, shm_bytes: u64) -> io::Result<()> {
         ),
     )?;
     symlink("pts/ptmx", dev.join("ptmx"))?;
-    let shm = dev.join("shm");
-    mkdir_mode(&shm, 0o1777)?;
+    let shm_point = dev.join("shm");
+    mkdir_mode(&shm_point, 0o1777)?;
     ctx(
-        "tmpfs /dev/shm",
+        "bind /dev/shm",
+        mount(Some(shm), &shm_point, none(), MsFlags::MS_BIND, none()),
+    )?;
+    ctx(
+        "nodev /dev/shm",
         mount(
-            Some("tmpfs"),
-            &shm,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(format!("mode=1777,size={shm_bytes}").as_str()),
+            none(),
+            &shm_point,
+            none(),
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            none(),
         ),
     )?;
     for (link, target) in [

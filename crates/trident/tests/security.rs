@@ -204,7 +204,7 @@ async fn kernel_interfaces_are_out_of_reach() {
     let run = privileged(
         &server,
         &runner,
-        "ls -A /proc/driver /proc/fs 2>/dev/null | grep -v :$ | grep -c .; for d in /sys /sys/fs /sys/fs/cgroup /proc/driver /proc/fs; do [ -d $d ] && touch $d/planted 2>/dev/null && echo wrote $d; done; echo end",
+        "ls -A /proc/driver /proc/fs 2>/dev/null | grep -v :$ | grep -c .; for d in /dev /sys /sys/fs /sys/fs/cgroup /proc/driver /proc/fs; do [ -d $d ] && touch $d/planted 2>/dev/null && echo wrote $d; done; echo end",
     )
     .await;
     assert_eq!(
@@ -212,6 +212,18 @@ async fn kernel_interfaces_are_out_of_reach() {
         "0\nend",
         "{run:?}"
     );
+    // What /dev offers works for `user`: POSIX shared memory, a pty pair of the runner's own
+    // devpts, the devices.
+    let run = unprivileged(
+        &server,
+        &runner,
+        "/usr/bin/python3 -c \"import os, pty\nfrom multiprocessing import shared_memory\nm = shared_memory.SharedMemory(create=True, size=4096); m.close(); m.unlink()\nmaster, slave = pty.openpty(); print(os.ttyname(slave))\nprint(len(open(\\\"/dev/urandom\\\", \\\"rb\\\").read(8)), open(\\\"/dev/null\\\", \\\"w\\\").write(\\\"x\\\"))\"",
+    )
+    .await;
+    assert_eq!(exit_code(&run), 0, "{run:?}");
+    let out = run.stdout().replace("\r\n", "\n");
+    assert!(out.starts_with("/dev/pts/"), "{run:?}");
+    assert!(out.trim_end().ends_with("8 1"), "{run:?}");
 
     // A read-only root; writable workspace, tmp and writable layer.
     let run = privileged(&server, &runner, "touch /newfile").await;
