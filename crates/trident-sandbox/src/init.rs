@@ -540,9 +540,11 @@ fn exec(ctx: &ExecContext, stream: &UnixStream, fds: Vec<OwnedFd>) -> io::Result
         }
         if polls[1].any().unwrap_or(false) {
             while let Ok(Some(_)) = children.read_signal() {}
-            if let Some(code) = reap(command) {
-                kill_all();
-                return send_frame(stream, &Response::Exited { code }, &[]);
+            if let Some(end) = reap(command) {
+                if end.others_left {
+                    kill_all();
+                }
+                return send_frame(stream, &Response::Exited { code: end.code }, &[]);
             }
         }
         if polls[0].any().unwrap_or(false) {
@@ -561,21 +563,36 @@ fn report_failed_start(stream: &UnixStream) -> io::Result<()> {
     send_frame(stream, &Response::Exited { code: 127 }, &[])
 }
 
-/// Reaps every child that has ended; the command's status (128 + signal for a signal) once
-/// the command is among them.
-fn reap(command: Pid) -> Option<u8> {
-    let mut end = None;
+/// How the command ended, seen by its handler.
+struct CommandEnd {
+    /// Its exit status, 128 + the signal's number for a signal.
+    code: u8,
+    /// Whether any other process of the execution still lives (children of the command
+    /// become the handler's when their parent ends, so these are the handler's children).
+    others_left: bool,
+}
+
+/// Reaps every child that has ended; how the command ended once it is among them.
+fn reap(command: Pid) -> Option<CommandEnd> {
+    let mut code = None;
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == command => end = Some(code as u8),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
-                end = Some(128u8.wrapping_add(sig as u8))
+        let others_left = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, status)) if pid == command => {
+                code = Some(status as u8);
+                continue;
             }
-            Ok(WaitStatus::StillAlive) => return end,
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                code = Some(128u8.wrapping_add(sig as u8));
+                continue;
+            }
+            Ok(WaitStatus::StillAlive) => true,
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            // ECHILD: nothing left to wait for.
-            Err(_) => return end,
-        }
+            // ECHILD: the handler has no child left. Every process of the pid namespace
+            // descends from the handler (nothing of the runner joins it with setns), so
+            // the namespace holds the handler alone.
+            Err(_) => false,
+        };
+        return code.map(|code| CommandEnd { code, others_left });
     }
 }
 
