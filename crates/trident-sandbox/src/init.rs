@@ -227,6 +227,10 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
     if let Err(e) = confine::narrow_bounding_set() {
         fail(&mut ready, &format!("narrowing the bounding set: {e}"));
     }
+    // From here on, runner-init and all it starts run under the runner's seccomp layer.
+    if let Err(e) = confine::restrict_runner(&filters) {
+        fail(&mut ready, &e.to_string());
+    }
     // SAFETY: setting dispositions in a single-threaded process. SIGCHLD ignored = handlers
     // are reaped by the kernel; SIGPIPE ignored = a vanished client is an EPIPE, not a death.
     unsafe {

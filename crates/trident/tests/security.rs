@@ -162,7 +162,8 @@ async fn kernel_interfaces_are_out_of_reach() {
     assert_ne!(eff & 1, 0, "root keeps CAP_CHOWN");
     // Root's bounding set is exactly the kept set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL,
     // SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP); every execution runs
-    // under exactly one seccomp filter (one program, not a stack).
+    // under exactly two seccomp filters: the runner's, loaded once by runner-init (pid 1
+    // here) before it served anything, and the execution's own.
     let run = privileged(
         &server,
         &runner,
@@ -171,9 +172,16 @@ async fn kernel_interfaces_are_out_of_reach() {
     .await;
     let status = run.stdout();
     assert!(status.contains("CapBnd:\t00000000800405fb"), "{status}");
-    assert!(status.contains("Seccomp_filters:\t1"), "{status}");
+    assert!(status.contains("Seccomp_filters:\t2"), "{status}");
     let run = unprivileged(&server, &runner, "grep ^Seccomp_filters /proc/self/status").await;
-    assert!(run.stdout().contains("Seccomp_filters:\t1"), "{run:?}");
+    assert!(run.stdout().contains("Seccomp_filters:\t2"), "{run:?}");
+    let run = unprivileged(&server, &runner, "grep -E \"^Seccomp\" /proc/1/status").await;
+    let status = run.stdout();
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "runner-init is not filtered: {run:?}"
+    );
+    assert!(status.contains("Seccomp_filters:\t1"), "{run:?}");
 
     // runner-init and its handlers cannot be inspected or ptraced from inside.
     let run = privileged(&server, &runner, "cat /proc/1/environ").await;
