@@ -71,10 +71,22 @@ pub fn main(dir: &Path) -> ! {
     });
     // SAFETY: fd 3 is the ready pipe the server gave this process, just moved there.
     let mut ready = unsafe { File::from_raw_fd(READY_FD) };
-    if let Err(e) = moved.and_then(|()| nix::unistd::setsid().map(drop)) {
+    // Nothing else of the server's may reach the runner: whatever the server's own parent
+    // left open without close-on-exec, or what another thread of the server had opened a
+    // moment before the spawn.
+    // SAFETY: close_range(2) takes three integers; no fd above 3 is this process's own yet.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, READY_FD + 1, u32::MAX, 0u32) };
+    let closed = match closed {
+        0 => Ok(()),
+        _ => Err(nix::errno::Errno::last()),
+    };
+    if let Err(e) = moved
+        .and(closed)
+        .and_then(|()| nix::unistd::setsid().map(drop))
+    {
         fail(
             &mut ready,
-            &format!("setting up the ready pipe and session: {e}"),
+            &format!("setting up the ready pipe, open files and session: {e}"),
         );
     }
     let spec: InitSpec = match std::fs::read(dir.join("spec.json"))

@@ -823,13 +823,37 @@ async fn the_servers_secrets_are_out_of_reach() {
     }
     let _cleanup = Cleanup(base.clone());
     {
+        // The server's parent leaves the config open without close-on-exec (as a careless
+        // service wrapper might): runner-init keeps nothing of the server's but its stdio.
         let server = Server::start_with(common::Options {
             data_dir: Some(base.join("data")),
             config_yaml: Some("registration_token: very-secret-registration\n".into()),
+            prelude: Some(format!("exec 7<'{}'", base.join("data.yaml").display())),
             ..common::Options::default()
         });
         server.put_environment(1, 1, 128).await;
         let runner = server.claim(1, 0).await;
+        let server_fd = std::fs::read_link(format!("/proc/{}/fd/7", server.pid())).unwrap();
+        assert!(server_fd.ends_with("data.yaml"), "{server_fd:?}");
+        let pids = server.runner_init_pids();
+        assert!(pids.len() >= 2, "runner-init processes: {pids:?}");
+        for pid in pids {
+            for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+            {
+                let target = std::fs::read_link(entry.path()).unwrap_or_default();
+                assert!(
+                    !target.starts_with(&base) || target.ends_with("init.log"),
+                    "runner-init {pid} holds the server's {target:?} as fd {:?}",
+                    entry.file_name()
+                );
+                assert!(
+                    !target.to_string_lossy().contains("pts") && !target.ends_with("ptmx"),
+                    "runner-init {pid} holds a terminal: {target:?}"
+                );
+            }
+        }
         let shown = base.display();
         let run = privileged(
             &server,

@@ -2,8 +2,8 @@
 //! pipe so that clients can tell the two apart; the end comes over the control socket, and
 //! closing that connection kills the execution.
 
-use std::io::IoSlice;
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
@@ -36,19 +36,42 @@ impl ExecutionControl for Control {
     }
 }
 
+/// The two ends of a new pty.
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+/// Opens a pty whose ends are close-on-exec from the moment they exist. The server starts
+/// runner-inits (and `ip`, `nft`) from other threads at any moment: an end set close-on-exec
+/// only after `openpty` returned could be inherited by one of them in between, which then
+/// holds the pty open for as long as it lives, and the execution's output never ends.
+fn open_pty() -> io::Result<Pty> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::unlockpt(&master)?;
+    // TIOCGPTPEER opens the slave from the master itself (no lookup of its path), with the
+    // flags given.
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd or -1.
+    let slave = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    if slave < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Pty {
+        // SAFETY: PtyMaster owns its fd; it is handed over whole.
+        master: unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) },
+        // SAFETY: a fresh fd of ours.
+        slave: unsafe { OwnedFd::from_raw_fd(slave) },
+    })
+}
+
 impl NativeSandbox {
     pub(super) async fn start_execution(&self, spec: ExecSpec) -> BackendResult<BackendExecution> {
         if self.destroyed.load(Ordering::Acquire) {
             return Err(BackendError::Failed("the runner is gone".into()));
         }
-        let pty = nix::pty::openpty(None, None).map_err(failed)?;
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(failed)?;
-        }
+        let pty = open_pty().map_err(failed)?;
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
         let oom_before = self.cgroups.oom_kills(&self.cgroup);
         let socket = self.socket.clone();

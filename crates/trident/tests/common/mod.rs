@@ -205,19 +205,24 @@ impl Server {
 
     /// runner-init processes (P0 and P1 of each runner) of this server's data dir.
     pub fn runner_init_processes(&self) -> usize {
+        self.runner_init_pids().len()
+    }
+
+    /// The host pids of this server's runner-init processes.
+    pub fn runner_init_pids(&self) -> Vec<u32> {
         let marker = format!(
             "runner-init\u{0}{}",
             self.data_dir.canonicalize().unwrap().display()
         );
-        let mut count = 0;
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-                if String::from_utf8_lossy(&cmdline).contains(&marker) {
-                    count += 1;
-                }
-            }
-        }
-        count
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                std::fs::read(entry.path().join("cmdline"))
+                    .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&marker))
+            })
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     /// Host mounts that mention this server's data dir (runner mounts must all live in the
