@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -198,12 +199,20 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Moves a process (and its future children) into the cgroup.
-    pub fn join(&self, name: &str, pid: u32) -> io::Result<()> {
-        for dir in self.dirs(name) {
-            write(&dir, "cgroup.procs", &pid.to_string())?;
-        }
-        Ok(())
+    /// The cgroup's `cgroup.procs` files (one per hierarchy), opened for writing: a process
+    /// that writes `0` to each joins the cgroup (what a runner-init does before its exec).
+    pub fn open_procs(&self, name: &str) -> io::Result<Vec<OwnedFd>> {
+        self.dirs(name)
+            .into_iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            })
+            .collect()
     }
 
     /// Number of processes the kernel's OOM killer has killed in this cgroup so far.
@@ -250,8 +259,9 @@ impl Cgroups {
         }
         for round in 0..2000u32 {
             let pids = self.processes(name);
-            // Empty. A runner-init that is still starting joins its cgroup by itself, maybe
-            // right now: thaw (a frozen newcomer would hang) and look once more.
+            // Empty. A runner-init that is still starting joins its cgroup by itself (between
+            // its clone and its exec), maybe right now: thaw (a frozen newcomer would hang)
+            // and look once more.
             if pids.is_empty() {
                 self.thaw(name);
                 if self.processes(name).is_empty() {

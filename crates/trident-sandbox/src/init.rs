@@ -3,16 +3,19 @@
 //! Process tree of one runner (all in the runner's cgroup):
 //!
 //! ```text
-//! trident runner-init <dir>      P0: joins the cgroup, unshares namespaces, waits for P1
-//! └── runner-init (pid 1)        P1: builds the root fs, pivots, serves the control socket
-//!     └── handler (pid 1)        one per connection, pid 1 of a pid namespace of its own: a
-//!         │                      file operation, or an execution, whose processes it reaps
-//!         │                      and, when the command ends, kills before it reports the end
-//!         └── /bin/bash -c <command>
+//! trident runner-init <dir> (pid 1)  joins the cgroup, unshares namespaces, builds the root
+//! │                                  fs, pivots, enters the runner's user namespace, serves
+//! │                                  the control socket
+//! └── handler (pid 1)                one per connection, pid 1 of a pid namespace of its own:
+//!     │                              a file operation, or an execution, whose processes it
+//!     │                              reaps and, when the command ends, kills before it
+//!     │                              reports the end
+//!     └── /bin/bash -c <command>
 //! ```
 //!
-//! The server spawns its own binary for P0 (posix_spawn: it never forks its multi-threaded
-//! tokio process); nothing here is async.
+//! The server clones runner-init straight into the runner's new pid namespace
+//! (`native/spawn.rs`: vfork-like, it never forks its multi-threaded tokio process), so an
+//! idle runner is this one process; nothing here is async.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -29,7 +32,6 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
-use crate::cgroup::{Cgroups, Limits};
 use crate::confine::{self, Filters};
 use crate::fileops;
 use crate::lowers::Mapping;
@@ -41,25 +43,19 @@ use trident_core::backend::BackendError;
 /// `oom_score_adj` of every execution's processes: the highest, so that they go first.
 const EXECUTION_OOM_SCORE_ADJ: &str = "1000";
 
-/// The id-map hand-shake between P1 and P0, one byte each way: P1 asks once it is in its
-/// new user namespace; P0 answers whether it wrote the maps.
-const ASK_FOR_ID_MAPS: u8 = b'?';
-const ID_MAPS_WRITTEN: u8 = b'k';
-const ID_MAPS_FAILED: u8 = b'!';
-
-/// What P1 writes to the ready fd when the runner accepts work (anything else is the
+/// What runner-init writes to the ready fd when the runner accepts work (anything else is the
 /// reason it failed; the server compares with the same constant).
 pub(crate) const READY: &str = "ok";
 
-/// The fd on which the server waits for `READY` (or an error text) from P1.
+/// The fd on which the server waits for `READY` (or an error text).
 const READY_FD: RawFd = 3;
 
 /// Entry point of `trident runner-init <dir>`. Never returns.
 pub fn main(dir: &Path) -> ! {
-    // The server spawns this process without a step of its own between fork and exec (so
-    // that it can use posix_spawn): the ready pipe comes as stdout and moves to fd 3, stdout
-    // becomes /dev/null, and the runner gets its own session here (a Ctrl-C or a signal to
-    // the server's process group spares it).
+    // The server's clone does as little as it can between clone and exec (it shares the
+    // server's memory until then): the ready pipe comes as stdout and moves to fd 3 here,
+    // stdout becomes /dev/null, and the runner gets its own session (a Ctrl-C or a signal
+    // to the server's process group spares it).
     let moved = nix::unistd::dup2(1, READY_FD).and_then(|_| {
         let null = nix::fcntl::open(
             "/dev/null",
@@ -100,88 +96,7 @@ pub fn main(dir: &Path) -> ! {
         Ok(userns) => userns,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
-    // P1 asks P0 (still root on the host) to write its user namespace's id maps. P0 shares
-    // P1's mount namespace, so by then its /proc is the runner's: it keeps the host's open.
-    let host_proc = match File::open("/proc") {
-        Ok(proc) => proc,
-        Err(e) => fail(&mut ready, &format!("opening /proc: {e}")),
-    };
-    let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .and_then(|a| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map(|b| (a, b)));
-    let ((ask_r, ask_w), (done_r, done_w)) = match pipes {
-        Ok(pipes) => pipes,
-        Err(e) => fail(&mut ready, &format!("pipe: {e}")),
-    };
-    // SAFETY: single-threaded process; the child only runs this module's code.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop((ask_r, done_w, host_proc));
-            runner_init(
-                &spec,
-                ready,
-                IdMapChannel {
-                    ask: ask_w,
-                    done: done_r,
-                },
-                userns,
-            )
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(ready);
-            drop((ask_w, done_r, userns));
-            map_ids_when_asked(&spec, &host_proc, child, ask_r, done_w);
-            drop(host_proc);
-            loop {
-                match waitpid(child, None) {
-                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
-                    Ok(WaitStatus::Signaled(..)) => std::process::exit(1),
-                    Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
-                    Err(_) => std::process::exit(1),
-                }
-            }
-        }
-        Err(e) => fail(
-            &mut ready,
-            &format!(
-                "fork: {e} (EAGAIN: the processes of all runners reached the pids limit of \
-                 trident's cgroup parent, or the host's kernel.pid_max)"
-            ),
-        ),
-    }
-}
-
-/// P1's side of the id map hand-shake.
-struct IdMapChannel {
-    ask: OwnedFd,
-    done: OwnedFd,
-}
-
-/// P0: waits for P1 to enter its user namespace, then writes the namespace's id maps (only
-/// a process with privileges in the parent namespace may map a range of ids).
-fn map_ids_when_asked(spec: &InitSpec, host_proc: &File, child: Pid, ask: OwnedFd, done: OwnedFd) {
-    let mut byte = [0u8; 1];
-    if File::from(ask).read(&mut byte).unwrap_or(0) == 0 {
-        return; // P1 failed before; it reports that itself
-    }
-    let map = format!("0 {} {}\n", spec.uid_base, IDS_PER_RUNNER);
-    let write_map = |file: &str| -> io::Result<()> {
-        let fd = rustix::fs::openat(
-            host_proc,
-            format!("{}/{file}", child.as_raw()).as_str(),
-            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        File::from(fd).write_all(map.as_bytes())
-    };
-    let result = write_map("uid_map").and_then(|()| write_map("gid_map"));
-    let answer: &[u8] = match &result {
-        Ok(()) => &[ID_MAPS_WRITTEN],
-        Err(e) => {
-            eprintln!("runner-init: writing id maps: {e}");
-            &[ID_MAPS_FAILED]
-        }
-    };
-    let _ = File::from(done).write_all(answer);
+    runner_init(&spec, ready, userns)
 }
 
 fn fail(ready: &mut File, message: &str) -> ! {
@@ -190,21 +105,20 @@ fn fail(ready: &mut File, message: &str) -> ! {
     std::process::exit(1)
 }
 
-/// The namespaces P1 is born into, and (if it could be made) a user namespace with the
-/// runner's id maps for idmapped lower layers: the error says why not.
-type IdmapUserns = Result<OwnedFd, String>;
-
-fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<IdmapUserns> {
-    let cgroups = Cgroups::detect()?;
-    let limits = Limits {
-        memory_bytes: spec.memory_bytes,
-        cpu_cores: spec.cpu_cores,
-        pids: spec.pids,
-    };
-    cgroups.create(&spec.cgroup, &limits)?;
-    cgroups.join(&spec.cgroup, std::process::id())?;
-    // The cgroup namespace, made right after joining the runner's cgroup, has that cgroup
-    // as its root: the runner sees its own cgroup as `/`, and no host path.
+/// Enters the runner's fresh namespaces (mount, IPC, UTS, network,
+/// cgroup; the pid namespace it was born into) and makes its user namespace, returned
+/// opened (entered last, in `enter_user_namespace`).
+fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<OwnedFd> {
+    // The server clones this process into the runner's pid namespace (native/spawn.rs): a
+    // runner-init anywhere else would share a pid namespace with the host.
+    if std::process::id() != 1 {
+        return Err(io::Error::other(
+            "runner-init is started by the server, as pid 1 of a new pid namespace",
+        ));
+    }
+    // The server made the runner's cgroup, and this process joined it before its exec (so
+    // that all of its memory is charged there). The cgroup namespace, made here, has that
+    // cgroup as its root: the runner sees its own cgroup as `/`, and no host path.
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWIPC
@@ -213,22 +127,93 @@ fn enter_cgroup_and_namespaces(spec: &InitSpec) -> io::Result<IdmapUserns> {
             | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|e| io::Error::other(format!("unshare: {e}")))?;
-    // The network is wired with `ip` before the pid namespace exists: the first child after
-    // unshare(CLONE_NEWPID) becomes that namespace's init, and must be P1.
+    // Wired with `ip` (children of this process; the named host namespace is found through
+    // the host's mounts, which this mount namespace still has).
     if let Some(network) = &spec.network {
         crate::network::connect_runner(network)?;
     }
-    // Made here, while /proc is still the host's and before the pid namespace (whose first
-    // child must be P1).
-    let userns = crate::lowers::idmap_userns(spec.uid_base).map_err(|e| e.to_string());
-    unshare(CloneFlags::CLONE_NEWPID)
-        .map_err(|e| io::Error::other(format!("unshare(pid): {e}")))?;
-    Ok(userns)
+    // While /proc is still the host's.
+    runner_userns(spec.uid_base)
+}
+
+/// Makes the runner's user namespace: owned by the runner's base id, its ids 0..65536 mapped
+/// onto `uid_base..` (users and groups). It is what `MOUNT_ATTR_IDMAP` takes to shift the
+/// lower layers' owners, and the namespace runner-init enters once everything is mounted.
+///
+/// A forked helper takes the runner's base id (keeping its capabilities, so that hosts that
+/// refuse unprivileged user namespaces allow the creation), unshares the namespace and
+/// waits, while this process, still root on the host, writes the maps: only a process
+/// privileged in the parent namespace may map a range. The open fd keeps the namespace
+/// alive after the helper exits.
+///
+/// Owned by the base id, not host root: the kernel charges per-user counters of everything
+/// the runner makes (inotify instances and watches, processes, namespaces) to the owner in
+/// the host's namespace, so each runner gets its own share of those host-wide limits instead
+/// of all runners (and the host's root) sharing root's.
+fn runner_userns(uid_base: u32) -> io::Result<OwnedFd> {
+    let (unshared_r, unshared_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (done_r, done_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // The first fork in the runner's cgroup: it is where the pids limits of the runner and
+    // of all runners together (the cgroup parent's) first apply.
+    // SAFETY: runner-init is single-threaded; the helper runs only this module's code and
+    // ends in _exit.
+    let forked = unsafe { fork() }.map_err(|e| {
+        io::Error::other(format!(
+            "fork: {e} (EAGAIN: the processes of all runners reached the pids limit of \
+             trident's cgroup parent, or the host's kernel.pid_max)"
+        ))
+    })?;
+    match forked {
+        ForkResult::Child => {
+            drop((unshared_r, done_w));
+            let unshared = become_owner(uid_base)
+                .and_then(|()| unshare(CloneFlags::CLONE_NEWUSER).map_err(io::Error::other))
+                // Its pid as the host's /proc names it (this pid namespace's is not).
+                .and_then(|()| std::fs::read_link("/proc/self"));
+            if let Ok(host_pid) = unshared {
+                let _ = File::from(unshared_w).write_all(host_pid.as_os_str().as_encoded_bytes());
+                let mut byte = [0u8; 1];
+                let _ = File::from(done_r).read(&mut byte);
+            }
+            // SAFETY: _exit(2) takes an int and never returns.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop((unshared_w, done_r));
+            let result = (|| -> io::Result<OwnedFd> {
+                let mut host_pid = [0u8; 16];
+                let n = File::from(unshared_r).read(&mut host_pid)?;
+                let host_pid = std::str::from_utf8(&host_pid[..n])
+                    .ok()
+                    .filter(|pid| n > 0 && pid.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| {
+                        io::Error::other(
+                            "the helper could not take the runner's ids and unshare a user \
+                             namespace",
+                        )
+                    })?;
+                let map = format!("0 {uid_base} {IDS_PER_RUNNER}\n");
+                let proc = Path::new("/proc").join(host_pid);
+                for file in ["uid_map", "gid_map"] {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(proc.join(file))
+                        .and_then(|mut f| f.write_all(map.as_bytes()))
+                        .map_err(|e| io::Error::other(format!("writing the {file}: {e}")))?;
+                }
+                Ok(OwnedFd::from(File::open(proc.join("ns/user"))?))
+            })();
+            let _ = File::from(done_w).write_all(b"d");
+            let _ = waitpid(child, None);
+            result.map_err(|e| io::Error::other(format!("the runner's user namespace: {e}")))
+        }
+    }
 }
 
 /// P1: pid 1 of the runner.
-fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: IdmapUserns) -> ! {
-    let (listener, mapping) = match build_runner(spec, id_maps, userns) {
+/// pid 1 of the runner, from its root file system on.
+fn runner_init(spec: &InitSpec, mut ready: File, userns: OwnedFd) -> ! {
+    let (listener, mapping) = match build_runner(spec, userns) {
         Ok(built) => built,
         Err(e) => fail(&mut ready, &e.to_string()),
     };
@@ -261,7 +246,13 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
         eprintln!("runner-init: the server went away while the runner started");
         std::process::exit(3);
     }
-    drop(ready);
+    drop((ready, word));
+    // What setting up used and freed goes back to the kernel before the runner idles:
+    // every idle runner would keep those pages for its whole life (and each handler would
+    // start with a copy of them).
+    release_stack_below_here();
+    // SAFETY: malloc_trim only returns free memory of glibc's heap.
+    unsafe { libc::malloc_trim(0) };
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -297,6 +288,39 @@ fn runner_init(spec: &InitSpec, mut ready: File, id_maps: IdMapChannel, userns: 
     }
 }
 
+/// Gives back the stack pages that setting up used below the serve loop's frame: deep
+/// one-time calls (the spec's parsing, the root file system) left them dirty, and an idle
+/// runner would keep them for its whole life. Below the stack pointer nothing is live, so
+/// they simply fault in as zero pages when the stack grows again.
+#[inline(never)]
+fn release_stack_below_here() {
+    const PAGE: usize = 4096;
+    let marker = 0u8;
+    let here = std::hint::black_box(&marker) as *const u8 as usize;
+    // This function's own frame and what it calls stay: a page of margin below it.
+    let top = (here & !(PAGE - 1)).saturating_sub(PAGE);
+    let Some(bottom) = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| {
+            let line = maps.lines().find(|l| l.ends_with("[stack]"))?;
+            usize::from_str_radix(line.split('-').next()?, 16).ok()
+        })
+    else {
+        return;
+    };
+    if bottom < top {
+        // SAFETY: the range lies within this thread's stack mapping and below every live
+        // frame; MADV_DONTNEED on private anonymous memory only drops pages.
+        unsafe {
+            libc::madvise(
+                bottom as *mut libc::c_void,
+                top - bottom,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+}
+
 /// fork(2) with the child as pid 1 of a pid namespace of its own: a clone(2) without
 /// CLONE_VM and without a stack of its own is what fork is (the child runs on a copy of this
 /// stack), as bubblewrap does it. Every handler gets one, so that an execution's handler is
@@ -320,11 +344,7 @@ unsafe fn fork_into_pid_namespace() -> nix::Result<ForkResult> {
     }
 }
 
-fn build_runner(
-    spec: &InitSpec,
-    id_maps: IdMapChannel,
-    userns: IdmapUserns,
-) -> io::Result<(UnixListener, Mapping)> {
+fn build_runner(spec: &InitSpec, userns: OwnedFd) -> io::Result<(UnixListener, Mapping)> {
     mount(
         None::<&str>,
         "/",
@@ -333,15 +353,7 @@ fn build_runner(
         None::<&str>,
     )
     .map_err(|e| io::Error::other(format!("making mounts private: {e}")))?;
-    let (root, mapping) = match &userns {
-        Ok(userns) => rootfs::build(spec, Some(userns))?,
-        Err(why) => match rootfs::build(spec, None)? {
-            (root, Mapping::Plain(_)) => (root, Mapping::Plain(why.clone())),
-            built => built,
-        },
-    };
-    // Nothing of the runner may ever reach that namespace.
-    drop(userns);
+    let (root, mapping) = rootfs::build(spec, Some(&userns))?;
     // Bound before the pivot, so that the socket lives at a stable host path.
     let socket = spec.socket_path();
     let _ = std::fs::remove_file(&socket);
@@ -349,7 +361,7 @@ fn build_runner(
     rootfs::pivot(&root)?;
     nix::unistd::sethostname(&spec.hostname).map_err(io::Error::other)?;
     rootfs::loopback_up()?;
-    enter_user_namespace(spec, id_maps)?;
+    enter_user_namespace(userns)?;
     // Nothing in the runner may ptrace or read the memory of runner-init and its handlers
     // (an execution's own processes stay debuggable).
     nix::sys::prctl::set_dumpable(false)?;
@@ -357,34 +369,21 @@ fn build_runner(
     Ok((listener, mapping))
 }
 
-/// Becomes root of a fresh user namespace whose ids map to an unprivileged host range.
-/// Everything was mounted before, by real root: the mounts, and the namespaces made so far,
-/// stay owned by the host's user namespace, so nothing in the runner can ever change them,
-/// and files the runner creates belong to host ids of its own range.
-///
-/// The namespace is created with the runner's own base id as its owner, not host root: the
-/// kernel charges per-user counters of everything the runner makes (inotify instances and
-/// watches, processes, namespaces) to the owner in the host's namespace, so each runner
-/// gets its own share of those host-wide limits instead of all runners (and the host's
-/// root) sharing root's. The capabilities kept across the change of ids make the creation
-/// a privileged one (hosts that refuse unprivileged user namespaces allow it).
-fn enter_user_namespace(spec: &InitSpec, id_maps: IdMapChannel) -> io::Result<()> {
-    become_owner(spec.uid_base)?;
-    unshare(CloneFlags::CLONE_NEWUSER)
-        .map_err(|e| io::Error::other(format!("unshare(user): {e}")))?;
-    File::from(id_maps.ask).write_all(&[ASK_FOR_ID_MAPS])?;
-    let mut answer = [0u8; 1];
-    let n = File::from(id_maps.done).read(&mut answer)?;
-    if n != 1 || answer[0] != ID_MAPS_WRITTEN {
-        return Err(io::Error::other(
-            "the user namespace's id maps could not be written",
-        ));
-    }
+/// Becomes root of the runner's user namespace (`runner_userns`), whose ids map to an
+/// unprivileged host range. Everything was mounted before, by real root: the mounts, and
+/// the namespaces made so far, stay owned by the host's user namespace, so nothing in the
+/// runner can ever change them, and files the runner creates belong to host ids of its own
+/// range. (Host root holds CAP_SYS_ADMIN in every namespace below the host's, which
+/// `setns` asks for; it gives this process all capabilities in there, and none outside.)
+fn enter_user_namespace(userns: OwnedFd) -> io::Result<()> {
+    nix::sched::setns(&userns, CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| io::Error::other(format!("entering the runner's user namespace: {e}")))?;
+    drop(userns);
+    nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
     let root = Gid::from_raw(0);
     nix::unistd::setresgid(root, root, root).map_err(io::Error::other)?;
     nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(io::Error::other)?;
-    nix::unistd::setgroups(&[]).map_err(io::Error::other)?;
     Ok(())
 }
 

@@ -13,15 +13,12 @@
 //! the runner's tmpfs only.
 
 use std::ffi::CString;
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
-
-use crate::spec::IDS_PER_RUNNER;
 
 /// How the lowers of a runner were mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,56 +27,6 @@ pub enum Mapping {
     Idmapped,
     /// Plain read-only binds (the reason the kernel gave): files show as the overflow id.
     Plain(String),
-}
-
-/// Makes a user namespace whose ids 0..65536 map onto `uid_base..` (users and groups), and
-/// returns it opened: what `MOUNT_ATTR_IDMAP` takes to shift the lowers' owners. A child
-/// process unshares it and waits while this process (root in the parent namespace, as only
-/// it may map a range) writes the maps; the open fd keeps the namespace alive after the
-/// child exits.
-///
-/// Must be called before this process unshares its pid namespace (the child would become
-/// that namespace's init) and with the host's /proc mounted at /proc.
-pub fn idmap_userns(uid_base: u32) -> io::Result<OwnedFd> {
-    let (unshared_r, unshared_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (done_r, done_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // SAFETY: runner-init's P0 is single-threaded; the child only calls unshare, write, read
-    // and _exit (async-signal-safe) and never returns into Rust code.
-    match unsafe { nix::unistd::fork() }.map_err(io::Error::other)? {
-        nix::unistd::ForkResult::Child => {
-            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
-            if ok {
-                let _ = nix::unistd::write(&unshared_w, b"u");
-                let mut byte = [0u8; 1];
-                let _ = nix::unistd::read(done_r.as_raw_fd(), &mut byte);
-            }
-            // SAFETY: _exit(2) takes an int and never returns.
-            unsafe { libc::_exit(i32::from(!ok)) }
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            drop((unshared_w, done_r));
-            let result = (|| {
-                let mut byte = [0u8; 1];
-                if File::from(unshared_r).read(&mut byte)? != 1 {
-                    return Err(io::Error::other(
-                        "the helper could not unshare a user namespace",
-                    ));
-                }
-                let map = format!("0 {uid_base} {IDS_PER_RUNNER}\n");
-                let proc = PathBuf::from(format!("/proc/{}", child.as_raw()));
-                for file in ["uid_map", "gid_map"] {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(proc.join(file))?
-                        .write_all(map.as_bytes())?;
-                }
-                Ok(OwnedFd::from(File::open(proc.join("ns/user"))?))
-            })();
-            let _ = File::from(done_w).write_all(b"d");
-            let _ = nix::sys::wait::waitpid(child, None);
-            result
-        }
-    }
 }
 
 /// `mount_setattr(2)` on a detached mount: `attr_set` and, with `MOUNT_ATTR_IDMAP`, the

@@ -500,8 +500,8 @@ pub fn disconnect_runner(network: &RunnerNetwork) {
     }
 }
 
-/// Runs in runner-init P0 (root on the host, already in the runner's fresh network
-/// namespace): makes the veth pair, hands one end to the host's bridge, addresses the other.
+/// Runs in runner-init before its root file system (root on the host, already in the
+/// runner's fresh network namespace): makes the veth pair, hands one end to the host's bridge, addresses the other.
 pub fn connect_runner(network: &RunnerNetwork) -> io::Result<()> {
     run(
         "ip",

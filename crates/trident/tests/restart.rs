@@ -28,8 +28,8 @@ async fn stats(server: &Server, env: u64) -> Value {
 }
 
 /// Waits until the pool holds exactly `idle` idle runners, then checks that the host holds
-/// exactly the runners the server knows of: cgroups, directories, runner-init processes (P0
-/// and P1 of each), and no mount of theirs in the host's mount table.
+/// exactly the runners the server knows of: cgroups, directories, runner-init processes (one
+/// each, pid 1 of its own pid namespace), and no mount of theirs in the host's mount table.
 async fn assert_settled(server: &Server, envs: &[(u64, u64, u64)]) {
     for &(env, idle, used) in envs {
         server.wait_idle(env, idle).await;

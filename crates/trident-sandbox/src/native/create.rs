@@ -1,13 +1,17 @@
 //! Making a runner: its spec (limits, id range, network, root filesystem), then its
 //! runner-init, started and waited for until it says it is ready.
 
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::process::Stdio;
+use std::path::Path;
 
 use trident_core::backend::{BackendError, BackendResult, RunnerSpec};
 
 use super::leases::{KnownGuard, Leases, PortLease, SlotLease};
+use super::spawn::{self, RunnerInit};
 use super::{failed, NativeBackend, NativeSandbox};
+use crate::cgroup::{Cgroups, Limits};
 use crate::network::{self, RunnerNetwork};
 use crate::spec::{InitSpec, IDS_PER_RUNNER};
 
@@ -171,35 +175,24 @@ impl NativeBackend {
         let log = std::fs::File::create(dir.join("init.log")).map_err(failed)?;
         let (ready_r, ready_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed)?;
-
-        // No pre_exec: without one, std starts the child with posix_spawn (a vfork-like
-        // clone that shares the server's memory until the exec) instead of a fork that
-        // copies the page tables of the whole server, which costs milliseconds per runner
-        // once the server holds many. What pre_exec did, runner-init does as its first
-        // steps: its own session (setsid), and the ready pipe, given as its stdout, moved
-        // to fd 3 (init::main).
-        let mut command = tokio::process::Command::new(&self.exe);
-        command
-            .arg("runner-init")
-            .arg(&dir)
-            // Nothing of the server's environment (tokens!) may reach a runner.
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(ready_w))
-            .stderr(log);
-        let child = command.spawn().map_err(|e| match e.raw_os_error() {
-            // The server holds one fd (a pidfd) per runner it started: its own limit on open
-            // files is a real bound on how many runners it can hold.
-            Some(libc::EMFILE | libc::ENFILE) => BackendError::Failed(format!(
-                "starting a runner-init: {e}: the server holds one open file per runner, raise \
-                 its limit on open files (LimitNOFILE=, ulimit -n; the server lifts its soft \
-                 limit to the hard one, and as root up to fs.nr_open)"
-            )),
-            _ => failed(e),
-        })?;
-        // Our copy of the write end must go, or the ready pipe never ends.
-        drop(command);
+        // On a blocking thread: the clone suspends its thread until the child's exec, and
+        // the child's move into its cgroup can take milliseconds on v1 (the kernel's
+        // threadgroup lock waits for an RCU grace period).
+        let cgroups = self.cgroups.clone();
+        let exe = self.exe.clone();
+        let cgroup = spec.cgroup.clone();
+        let limits = Limits {
+            memory_bytes: spec.memory_bytes,
+            cpu_cores: spec.cpu_cores,
+            pids: spec.pids,
+        };
+        let dir_arg = dir.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            start_runner_init(&cgroups, &cgroup, &limits, &exe, &dir_arg, ready_w, log)
+        })
+        .await
+        .map_err(failed)?;
+        let child = started?;
 
         let sandbox = NativeSandbox::new(
             self,
@@ -245,4 +238,51 @@ impl NativeBackend {
             }
         }
     }
+}
+
+/// Makes the runner's cgroup and starts its runner-init (pid 1 of the runner's new pid
+/// namespace), which joins the cgroup before its exec, so that all of its memory is charged
+/// to the runner. Blocking.
+fn start_runner_init(
+    cgroups: &Cgroups,
+    cgroup: &str,
+    limits: &Limits,
+    exe: &Path,
+    dir: &Path,
+    ready_w: OwnedFd,
+    log: std::fs::File,
+) -> BackendResult<RunnerInit> {
+    let procs = cgroups
+        .create(cgroup, limits)
+        .and_then(|()| cgroups.open_procs(cgroup))
+        .map_err(|e| {
+            cgroups.remove(cgroup);
+            BackendError::Failed(format!("making the runner's cgroup: {e}"))
+        })?;
+    let join: Vec<_> = procs.iter().map(|fd| fd.as_fd()).collect();
+    // What a pre_exec step would do, runner-init does as its first steps: its own session
+    // (setsid), and the ready pipe, given as its stdout, moved to fd 3 (init::main).
+    let spawned = spawn::spawn_in_pid_namespace(&spawn::SpawnSpec {
+        join: &join,
+        exe,
+        args: &[OsStr::new("runner-init"), dir.as_os_str()],
+        // Nothing of the server's environment (tokens!) may reach a runner.
+        env: &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        stdout: ready_w.as_fd(),
+        stderr: log.as_fd(),
+    });
+    // Our copy of the write end goes with this function, or the ready pipe would never end.
+    if spawned.is_err() {
+        cgroups.remove(cgroup);
+    }
+    spawned.map_err(|e| match e.raw_os_error() {
+        // The server holds one fd (a pidfd) per runner it started: its own limit on open
+        // files is a real bound on how many runners it can hold.
+        Some(libc::EMFILE | libc::ENFILE) => BackendError::Failed(format!(
+            "starting a runner-init: {e}: the server holds one open file per runner, raise its \
+             limit on open files (LimitNOFILE=, ulimit -n; the server lifts its soft limit to \
+             the hard one, and as root up to fs.nr_open)"
+        )),
+        _ => failed(e),
+    })
 }

@@ -8,6 +8,8 @@
 //! - `sandbox.rs`: one runner: files over its control socket, its destruction.
 //! - `execute.rs`: executions (a pty, a pipe, the exit over the socket).
 //! - `leases.rs`: the id ranges, host ports and known ids a runner holds, freed by `Drop`.
+//! - `spawn.rs`: starting a runner-init as pid 1 of its own pid namespace (a hand-made
+//!   vfork-style clone: std's `Command` takes no clone flags).
 
 mod adopt;
 mod create;
@@ -15,6 +17,7 @@ mod execute;
 mod janitor;
 mod leases;
 mod sandbox;
+mod spawn;
 
 use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::PermissionsExt;
@@ -143,11 +146,12 @@ impl NativeBackend {
         cgroups
             .limit_subtree(&cgroup_parent, processes)
             .map_err(|e| anyhow::anyhow!("limiting the processes of all runners: {e}"))?;
-        // An idle runner is two processes (runner-init and its pid 1): this bounds how many
-        // runners the instance can hold, and a creation past it fails with EAGAIN.
+        // An idle runner is one process (its runner-init), a running execution two more (its
+        // handler and command): this bounds how many runners the instance can hold, and a
+        // creation past it fails with EAGAIN.
         tracing::info!(
             processes,
-            idle_runners = processes / 2,
+            idle_runners = processes,
             "all runners together may have this many processes (three quarters of \
              kernel.pid_max or threads-max, or max_runner_processes): raise kernel.pid_max \
              for more runners"

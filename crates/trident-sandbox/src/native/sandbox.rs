@@ -16,6 +16,7 @@ use trident_core::backend::{
 use trident_core::model::{FileCopy, FileHeader, MappedPort};
 
 use super::leases::Leases;
+use super::spawn::RunnerInit;
 use super::{failed, NativeBackend};
 use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
@@ -31,7 +32,7 @@ pub struct NativeSandbox {
     pub(super) socket: PathBuf,
     dir: PathBuf,
     /// Its runner-init, when this server started it (an adopted one is no child of ours).
-    child: tokio::sync::Mutex<Option<tokio::process::Child>>,
+    child: tokio::sync::Mutex<Option<RunnerInit>>,
     pub(super) destroyed: AtomicBool,
     /// Room for files in the runner (its writable tmpfs), if known.
     writable_bytes: Option<u64>,
@@ -46,7 +47,7 @@ impl NativeSandbox {
         id: &str,
         network: Option<RunnerNetwork>,
         writable_bytes: Option<u64>,
-        child: Option<tokio::process::Child>,
+        child: Option<RunnerInit>,
         leases: Leases,
     ) -> NativeSandbox {
         let dir = backend.runners_dir.join(id);

@@ -203,7 +203,7 @@ impl Server {
         self.keep_runners_on_exit = keep;
     }
 
-    /// runner-init processes (P0 and P1 of each runner) of this server's data dir.
+    /// runner-init processes (one per runner) of this server's data dir.
     pub fn runner_init_processes(&self) -> usize {
         self.runner_init_pids().len()
     }
@@ -433,7 +433,7 @@ impl Server {
                 self.runner_dirs(),
                 self.runner_init_processes(),
             );
-            if found == (runners, runners, 2 * runners) {
+            if found == (runners, runners, runners) {
                 break;
             }
             assert!(
@@ -443,6 +443,17 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(self.host_mounts(), 0, "runner mounts leaked into the host");
+        // An idle runner is its runner-init alone, pid 1 of a pid namespace of its own.
+        for pid in self.runner_init_pids() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let nspid: Vec<&str> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            assert_eq!(nspid, [pid.to_string().as_str(), "1"], "{status}");
+        }
     }
 }
 
