@@ -56,9 +56,17 @@ pub async fn run(
         report.figure("scale_kernel_slab_mib_per_runner", slab);
     }
     if let Some(memory) = &scale.memory {
-        report.figure("scale_mib_per_runner", memory.pss_mib + memory.cgroup_mib);
+        report.figure("scale_mib_per_runner", memory.per_runner_mib());
         report.figure("scale_pss_mib_per_runner", memory.pss_mib);
         report.figure("scale_cgroup_mib_per_runner", memory.cgroup_mib);
+        report.figure(
+            "scale_cgroup_unmapped_mib_per_runner",
+            memory.cgroup_mib - memory.cgroup_mapped_mib,
+        );
+        report.figure(
+            "scale_pss_plus_cgroup_mib_per_runner",
+            memory.pss_mib + memory.cgroup_mib,
+        );
     }
     report.figure_ms("scale_claim_p50_ms_small_pool", scale.rows[0].p50());
     report.figure_ms("scale_claim_p50_ms", scale.rows[1].p50());
@@ -82,11 +90,14 @@ pub async fn run(
     match &scale.memory {
         Some(m) => summary.push_str(&format!(
             "memory per idle runner ({} measured): {:.3} MiB = PSS of its processes {:.3} MiB \
-             + its cgroup's usage {:.3} MiB\n",
+             + its cgroup's usage {:.3} MiB less the {:.3} MiB of it that its processes map \
+             (counted in the PSS already); PSS + whole usage: {:.3} MiB\n",
             m.runners,
-            m.pss_mib + m.cgroup_mib,
+            m.per_runner_mib(),
             m.pss_mib,
-            m.cgroup_mib
+            m.cgroup_mib,
+            m.cgroup_mapped_mib,
+            m.pss_mib + m.cgroup_mib
         )),
         None => summary.push_str(
             "memory per runner and teardown not measured: the runners' cgroups are not on \
@@ -126,8 +137,23 @@ struct Scale {
 
 struct Memory {
     runners: usize,
+    /// Mean PSS of a runner's processes: the user pages they map, shared ones split.
     pss_mib: f64,
+    /// Mean usage of a runner's memory cgroup: the pages charged to it (user pages, page
+    /// cache and its tmpfs, kernel memory).
     cgroup_mib: f64,
+    /// The part of that usage which is user pages the runner's processes map (anonymous
+    /// and mapped file pages): in the PSS as well.
+    cgroup_mapped_mib: f64,
+}
+
+impl Memory {
+    /// What a runner costs, each page once: the PSS, plus what its cgroup holds that no
+    /// process maps (kernel memory, the tmpfs's and other unmapped page cache). Adding the
+    /// whole usage would count every mapped page charged to the cgroup twice.
+    fn per_runner_mib(&self) -> f64 {
+        self.pss_mib + self.cgroup_mib - self.cgroup_mapped_mib
+    }
 }
 
 async fn measure(env: &Environment<'_>, runners: usize, n: usize) -> anyhow::Result<Scale> {
@@ -273,6 +299,7 @@ fn runner_cgroups(dir: &Path, env_id: u64) -> BTreeSet<String> {
 fn memory(dir: &Path, names: &[String]) -> Option<Memory> {
     let mut pss_kib = 0u64;
     let mut cgroup_bytes = 0u64;
+    let mut mapped_bytes = 0u64;
     let mut counted = 0;
     for name in names {
         let cgroup = dir.join(name);
@@ -292,11 +319,25 @@ fn memory(dir: &Path, names: &[String]) -> Option<Memory> {
                 .unwrap_or(0);
         }
         cgroup_bytes += usage;
+        mapped_bytes += mapped_user_pages(&cgroup);
         counted += 1;
     }
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0) / counted as f64;
     (counted > 0).then(|| Memory {
         runners: counted,
         pss_mib: pss_kib as f64 / 1024.0 / counted as f64,
-        cgroup_mib: cgroup_bytes as f64 / (1024.0 * 1024.0) / counted as f64,
+        cgroup_mib: mib(cgroup_bytes),
+        cgroup_mapped_mib: mib(mapped_bytes),
     })
+}
+
+/// Bytes of anonymous and mapped file pages charged to a (leaf) memory cgroup:
+/// `rss` + `mapped_file` on v1, `anon` + `file_mapped` on v2.
+fn mapped_user_pages(cgroup: &Path) -> u64 {
+    let stat = std::fs::read_to_string(cgroup.join("memory.stat")).unwrap_or_default();
+    stat.lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(key, _)| matches!(*key, "rss" | "mapped_file" | "anon" | "file_mapped"))
+        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+        .sum()
 }
