@@ -124,7 +124,11 @@ async fn executions_running_at_the_crash_are_killed_and_the_runner_stays_usable(
             break;
         }
     }
-    assert_eq!(common::host_processes("987.25"), 1);
+    // "started" comes from bash a moment before its exec makes it the sleep.
+    common::eventually(Duration::from_secs(10), "the sleep runs", || async {
+        common::host_processes("987.25") == 1
+    })
+    .await;
     server.crash_and_restart();
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(20);
