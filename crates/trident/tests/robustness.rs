@@ -1295,6 +1295,46 @@ fn runner_cgroup_processes(server: &Server, runner: &str) -> usize {
         .count()
 }
 
+/// A runner's memory is charged to the runner: runner-init joins its cgroup before its exec,
+/// so its anonymous pages are in its cgroup's count, not in the server's cgroup (where they
+/// would weigh on the server's own memory limit, runner by runner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runners_own_memory_is_charged_to_its_cgroup() {
+    let server = Server::start();
+    server.put_environment(1, 1, 256).await;
+    let runner = server.claim(1, 0).await;
+    let name = format!("{}/{runner}", server.cgroup_parent());
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let (dir, anon_key) = if root.join("cgroup.controllers").exists() {
+        (root.join(&name), "anon")
+    } else {
+        (root.join("memory").join(&name), "rss")
+    };
+    // memory.stat is flushed from per-cpu counters every two seconds at the latest.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    let pids: Vec<&str> = pids.lines().collect();
+    assert_eq!(pids.len(), 1, "an idle runner is one process: {pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let rss_anon_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap();
+    let charged: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{anon_key} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(rss_anon_kib > 0, "{status}");
+    assert!(
+        charged >= rss_anon_kib * 1024,
+        "runner-init maps {rss_anon_kib} KiB of anonymous memory, its cgroup is charged with \
+         {charged} bytes of it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_ends_and_harms_nobody_else() {
     let server = Server::start();
