@@ -325,17 +325,23 @@ impl Cgroups {
         }
     }
 
-    /// Names of the child cgroups under `parent` (for the start-up sweep).
+    /// Names of the child cgroups under `parent` (for the start-up sweep), in any hierarchy:
+    /// a server killed while it made a runner's cgroup leaves it in the first hierarchies
+    /// only (on v1 one directory per controller, made one after the other).
     pub fn children(&self, parent: &str) -> Vec<String> {
-        let dir = self.controller_dir("pids", parent);
-        let Ok(entries) = fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-            .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
-            .collect()
+        let mut names = std::collections::BTreeSet::new();
+        for dir in self.dirs(parent) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                continue;
+            };
+            names.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy())),
+            );
+        }
+        names.into_iter().collect()
     }
 }
 

@@ -406,25 +406,34 @@ impl Server {
 
     /// Runner cgroups of this server that exist right now.
     pub fn runner_cgroups(&self) -> Vec<String> {
-        let root = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            PathBuf::from("/sys/fs/cgroup")
+        // In every hierarchy: a runner's cgroup half made or half removed counts too.
+        let root = Path::new("/sys/fs/cgroup");
+        let roots = if root.join("cgroup.controllers").exists() {
+            vec![root.to_path_buf()]
         } else {
-            PathBuf::from("/sys/fs/cgroup/pids")
+            ["memory", "cpu", "pids", "freezer"]
+                .iter()
+                .map(|c| root.join(c))
+                .collect()
         };
-        match std::fs::read_dir(root.join(self.cgroup_parent())) {
-            Ok(entries) => entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(_) => Vec::new(),
+        let mut names = std::collections::BTreeSet::new();
+        for root in roots {
+            if let Ok(entries) = std::fs::read_dir(root.join(self.cgroup_parent())) {
+                names.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.file_name().to_string_lossy().into_owned()),
+                );
+            }
         }
+        names.into_iter().collect()
     }
 }
 
 impl Server {
     /// Waits until the host holds exactly `runners` runners of this server (cgroups,
-    /// directories, two runner-init processes each) and none of their mounts.
+    /// directories, one runner-init process each) and none of their mounts.
     pub async fn assert_runners_on_host(&self, runners: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
