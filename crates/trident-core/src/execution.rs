@@ -115,7 +115,18 @@ async fn drive(
         }
     };
 
+    // The runner's end comes first: its destruction kills the process at once, so the
+    // process's end (a broken connection) is often ready at the same moment, and the client
+    // must hear why (deleted, timed out), not a generic failure.
     let terminal = tokio::select! {
+        biased;
+        end = ended => {
+            kill().await;
+            Some(match end {
+                Some(RunnerEnd::InactivityTimeout) => ExecMessage::Timeout,
+                _ => ExecMessage::Error(RUNNER_DELETED_MESSAGE.into()),
+            })
+        }
         outcome = finished => Some(match outcome {
             ExitOutcome::Exited(code) => ExecMessage::Exit(code),
             ExitOutcome::OomKilled => ExecMessage::Error(OOM_MESSAGE.into()),
@@ -127,13 +138,6 @@ async fn drive(
         () = limit => {
             kill().await;
             Some(ExecMessage::Timeout)
-        }
-        end = ended => {
-            kill().await;
-            Some(match end {
-                Some(RunnerEnd::InactivityTimeout) => ExecMessage::Timeout,
-                _ => ExecMessage::Error(RUNNER_DELETED_MESSAGE.into()),
-            })
         }
         () = out.closed() => {
             // The client went away: cancel, the runner stays usable.
@@ -170,6 +174,44 @@ async fn pump(mut output: OutputStream, out: &mpsc::Sender<ExecMessage>) {
             matches!(&message, ExecMessage::Stdout(t) | ExecMessage::Stderr(t) if t.is_empty());
         if !empty {
             let _ = out.send(message).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendResult, ExecutionControl};
+
+    struct NoKill;
+
+    #[async_trait::async_trait]
+    impl ExecutionControl for NoKill {
+        async fn kill(&self) -> BackendResult<()> {
+            Ok(())
+        }
+    }
+
+    /// A runner's destruction kills its processes at once, so their end (here: a failure,
+    /// as a cut connection looks) is ready by the time the execution is driven: the client
+    /// still hears that the runner was deleted, every time.
+    #[tokio::test]
+    async fn a_deleted_runner_is_reported_even_when_its_process_ended_first() {
+        for _ in 0..50 {
+            let execution = BackendExecution {
+                stdin: Box::new(tokio::io::sink()),
+                output: Box::pin(futures_util::stream::empty()),
+                exit: Box::pin(async { ExitOutcome::Failed("connection cut".into()) }),
+                control: Box::new(NoKill),
+            };
+            let (end_tx, end_rx) = watch::channel(None);
+            end_tx.send_replace(Some(RunnerEnd::Deleted));
+            let mut running = spawn(execution, None, end_rx);
+            assert_eq!(
+                running.messages.recv().await,
+                Some(ExecMessage::Error(RUNNER_DELETED_MESSAGE.into()))
+            );
+            assert_eq!(running.messages.recv().await, None);
         }
     }
 }
