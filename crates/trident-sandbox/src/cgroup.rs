@@ -298,6 +298,22 @@ impl Cgroups {
         }
     }
 
+    /// Removes the cgroup if no process is in it: `false` (and nothing removed) if one is.
+    /// In v1 every hierarchy holds the same processes, so the first directory decides.
+    pub fn remove_if_empty(&self, name: &str) -> bool {
+        for dir in self.dirs(name) {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return false,
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove cgroup");
+                }
+            }
+        }
+        true
+    }
+
     /// Removes the cgroup once it is empty. Killed processes leave it a moment after they
     /// die (when their parent reaps them), so a busy cgroup is retried for a while.
     pub fn remove(&self, name: &str) {

@@ -1422,6 +1422,81 @@ async fn a_fork_bomb_ends_and_harms_nobody_else() {
     server.assert_runners_on_host(5).await;
 }
 
+/// A runner deleted in the middle of a fork bomb goes at once with all its processes: the
+/// kill of its runner-init (pid 1 of the runner's pid namespace) takes the whole namespace
+/// with it, however fast the bomb forks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_deleted_during_a_fork_bomb_leaves_nothing() {
+    let server = Server::start();
+    server.put_environment(1011, 1, 256).await;
+    let bomber = server.claim(1011, 0).await;
+    let url = server
+        .websocket_url(
+            &bomber,
+            json!({"command": "echo bombing; :(){ :|:& };:; while :; do :; done", "timeLimit": 60}),
+        )
+        .await;
+    let mut ws = server.connect(&url).await;
+    wait_for_stdout(&mut ws, "bombing").await;
+    let (s, b) = (&server, bomber.as_str());
+    eventually(Duration::from_secs(5), "the bomb spread", || async move {
+        runner_cgroup_processes(s, b) > 100
+    })
+    .await;
+    let r = server
+        .send(Method::DELETE, &format!("/runners/{bomber}"), Value::Null)
+        .await;
+    assert_eq!(r.status(), 204);
+    // The execution hears of it and ends, long before its time limit.
+    let rest = tokio::time::timeout(Duration::from_secs(20), common::collect(&mut ws))
+        .await
+        .expect("the execution of a deleted runner ended");
+    assert!(rest.close_code.is_some(), "{rest:?}");
+    eventually(
+        Duration::from_secs(20),
+        "the deleted runner's cgroups are gone",
+        || async move { !s.runner_cgroups().iter().any(|c| c.contains(b)) },
+    )
+    .await;
+    server.wait_idle(1011, 1).await;
+    server.assert_runners_on_host(1).await;
+}
+
+/// Deleting a runner kills whatever is in its cgroup, even a process that is not in its pid
+/// namespace (which killing its runner-init alone would miss): the cgroup is then busy, and
+/// the cgroup-wide kill takes over. Here the test moves a process of its own into the
+/// runner's cgroup; in a runner nothing can get out of its pid namespace, so this is the
+/// defence in depth the destruction must keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_runner_kills_a_stranger_in_its_cgroup_too() {
+    let server = Server::start();
+    server.put_environment(1012, 1, 256).await;
+    let runner = server.claim(1012, 0).await;
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let dirs = cgroup_dirs(&format!("{}/{runner}", server.cgroup_parent()));
+    for dir in &dirs {
+        std::fs::write(dir.join("cgroup.procs"), stranger.id().to_string()).unwrap();
+    }
+    assert_eq!(runner_cgroup_processes(&server, &runner), 2);
+    let r = server
+        .send(Method::DELETE, &format!("/runners/{runner}"), Value::Null)
+        .await;
+    assert_eq!(r.status(), 204);
+    // The DELETE returns once the runner is gone: nothing is left to wait for.
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "the runner's cgroup is left: {left:?}");
+    use std::os::unix::process::ExitStatusExt;
+    let status = stranger.try_wait().unwrap();
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(9),
+        "the stranger was killed: {status:?}"
+    );
+}
+
 // ---- 10. stopping -----------------------------------------------------------------------------
 
 /// Completes the close handshake the server started, as a browser would (reading on sends

@@ -221,6 +221,18 @@ unsafe fn exec_child(
 }
 
 impl RunnerInit {
+    /// Sends it SIGKILL through its pidfd (no pid that could have been reused). As pid 1 of
+    /// the runner's pid namespace, its death takes every process of the namespace with it:
+    /// the kernel kills them all (nested namespaces too), stops the namespace from forking
+    /// and waits until they are gone before pid 1 can be reaped.
+    pub(super) fn kill(&self) -> io::Result<()> {
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(());
+        };
+        rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL)
+            .map_err(io::Error::from)
+    }
+
     /// Waits until it has ended and reaps it. Returns at once if it was reaped before.
     pub(super) async fn wait(&mut self) -> io::Result<()> {
         let Some(pidfd) = &self.pidfd else {
@@ -237,6 +249,15 @@ impl RunnerInit {
         drop(exited);
         reap(pidfd.as_fd())?;
         self.pidfd = None;
+        Ok(())
+    }
+
+    /// Reaps it, blocking until it has ended: for a blocking thread, once it was killed.
+    pub(super) fn reap_blocking(&mut self) -> io::Result<()> {
+        if let Some(pidfd) = &self.pidfd {
+            reap(pidfd.as_fd())?;
+            self.pidfd = None;
+        }
         Ok(())
     }
 }
