@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -195,8 +195,9 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
         }
     }
     let mut failures = Vec::new();
+    let mut dirs = Directories::default();
     for file in copy {
-        if let Err(e) = copy_one(file) {
+        if let Err(e) = copy_one(file, &mut dirs) {
             failures.push(format!("{}: Cannot open: {e}", file.path));
         }
     }
@@ -210,7 +211,40 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
     }
 }
 
-fn copy_one(file: &FileCopy) -> io::Result<()> {
+/// The directories one PATCH has walked to, by the path that led there: the files of a copy
+/// mostly share a few directories, and each is walked to once (about a dozen syscalls per
+/// file saved). A directory swapped for a link in the meantime (by an execution running
+/// beside the copy) changes nothing: the walk's result was a real directory of the runner,
+/// and the files go there.
+#[derive(Default)]
+struct Directories {
+    walked: HashMap<PathBuf, OwnedFd>,
+    /// The directory of the last path that ended in `.` or `..` (walked as it is, not kept).
+    odd: Option<OwnedFd>,
+}
+
+impl Directories {
+    /// The directory that holds `target`'s last component, and that component's name.
+    fn holding(&mut self, target: &Path) -> io::Result<(BorrowedFd<'_>, String)> {
+        let last = match target.components().next_back() {
+            Some(std::path::Component::Normal(name)) => Some(name.to_string_lossy().into_owned()),
+            _ => None,
+        };
+        let (Some(name), Some(parent)) = (last, target.parent()) else {
+            let (dir, name) = walk_path(target, true, false)?.ok_or_else(missing)?;
+            let dir: &OwnedFd = self.odd.insert(dir);
+            return Ok((dir.as_fd(), name));
+        };
+        if !self.walked.contains_key(parent) {
+            let (dir, walked) = walk_path(target, true, false)?.ok_or_else(missing)?;
+            debug_assert_eq!(walked, name, "walk_path splits paths as Path::components");
+            self.walked.insert(parent.to_path_buf(), dir);
+        }
+        Ok((self.walked[parent].as_fd(), name))
+    }
+}
+
+fn copy_one(file: &FileCopy, dirs: &mut Directories) -> io::Result<()> {
     let target = resolve(&file.path);
     if file.path.ends_with('/') {
         // The directory itself is walked into like any other: a planted link in its place
@@ -222,11 +256,11 @@ fn copy_one(file: &FileCopy) -> io::Result<()> {
         let content = base64::engine::general_purpose::STANDARD
             .decode(&file.content_base64)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let (dir, name) = walk_path(&target, true, false)?.ok_or_else(missing)?;
+        let (dir, name) = dirs.holding(&target)?;
         if name.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        write_file_at(&dir, &name, &content)
+        write_file_at(dir, &name, &content)
     }
 }
 
@@ -404,11 +438,12 @@ pub fn write_from(path: &str, source: OwnedFd) -> Result<u64, BackendError> {
 
 /// Creates (or truncates) the root-owned 0744 file `name` in `dir`; a symlink in its place
 /// is replaced, never followed.
-fn open_for_write(dir: &OwnedFd, name: &str) -> io::Result<fs::File> {
+fn open_for_write(dir: impl AsFd, name: &str) -> io::Result<fs::File> {
     use rustix::fs::{openat, AtFlags, Mode, OFlags};
     let flags =
         OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mode = Mode::from_raw_mode(0o744);
+    let dir = dir.as_fd();
     let fd = match openat(dir, name, flags, mode) {
         Err(rustix::io::Errno::LOOP) => {
             rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
@@ -424,7 +459,7 @@ fn open_for_write(dir: &OwnedFd, name: &str) -> io::Result<fs::File> {
 
 /// Writes a root-owned 0744 file `name` in `dir`; a symlink in its place is replaced, never
 /// followed.
-fn write_file_at(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
+fn write_file_at(dir: BorrowedFd<'_>, name: &str, content: &[u8]) -> io::Result<()> {
     open_for_write(dir, name)?.write_all(content)
 }
 

@@ -578,6 +578,52 @@ fn assert_not_host_shadow(body: &[u8], host_shadow: &str, context: &str) {
     }
 }
 
+/// One copy of many files that share directories, named in different spellings and through
+/// a link `user` planted: each file lands where its own path says (a copy walks to each
+/// directory once and reuses it for the files beside it), the planted link is replaced by a
+/// real directory for all the files behind it, and what it pointed at is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_copy_of_many_files_puts_each_where_its_path_says() {
+    let server = Server::start();
+    server.put_environment(402, 1, 256).await;
+    let runner = server.claim(402, 0).await;
+    let run = server
+        .execute(&runner, exec("ln -s /etc userlink && echo -n ok"))
+        .await;
+    assert_eq!(run.stdout(), "ok", "{run:?}");
+    server
+        .copy(
+            &runner,
+            &[
+                ("many/a", "A"),
+                ("./many/b", "B"),
+                ("/workspace/many/c", "C"),
+                ("many/sub/d", "D"),
+                ("many/sub/../e", "E"),
+                ("userlink/x", "X"),
+                ("userlink/y", "Y"),
+                ("many/a", "A2"),
+            ],
+        )
+        .await;
+    let run = server
+        .execute(
+            &runner,
+            exec(
+                "cd /workspace; for f in many/a many/b many/c many/sub/d many/e userlink/x userlink/y; \
+                 do printf \"%s=%s \" $f $(cat $f); done; test -L userlink || echo userlink-is-a-dir; \
+                 ls /etc/x /etc/y 2>&1 | grep -c \"No such file\"",
+            ),
+        )
+        .await;
+    assert_eq!(
+        run.stdout(),
+        "many/a=A2 many/b=B many/c=C many/sub/d=D many/e=E userlink/x=X userlink/y=Y \
+         userlink-is-a-dir\r\n2\r\n",
+        "{run:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_files_api_never_reaches_the_host() {
     let server = Server::start();
