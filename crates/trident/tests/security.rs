@@ -833,6 +833,8 @@ async fn the_servers_secrets_are_out_of_reach() {
         });
         server.put_environment(1, 1, 128).await;
         let runner = server.claim(1, 0).await;
+        // The claim's refill done: a runner-init still building its root holds that root.
+        server.wait_idle(1, 1).await;
         let server_fd = std::fs::read_link(format!("/proc/{}/fd/7", server.pid())).unwrap();
         assert!(server_fd.ends_with("data.yaml"), "{server_fd:?}");
         let pids = server.runner_init_pids();
