@@ -74,16 +74,17 @@ pub async fn patch(
         if entry.path.is_empty() {
             return Err(ApiError::bad_request("a file to copy has an empty path"));
         }
-        let content = entry.content.unwrap_or_default();
-        if let Err(e) = base64::engine::general_purpose::STANDARD.decode(&content) {
-            return Err(ApiError::bad_request(format!(
-                "the content of {} is not valid base64: {e}",
-                entry.path
-            )));
-        }
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(entry.content.unwrap_or_default())
+            .map_err(|e| {
+                ApiError::bad_request(format!(
+                    "the content of {} is not valid base64: {e}",
+                    entry.path
+                ))
+            })?;
         copy.push(FileCopy {
             path: entry.path,
-            content_base64: content,
+            content,
         });
     }
     state.manager.patch_files(&runner_id, delete, copy).await?;

@@ -57,13 +57,22 @@ pub struct FileHeader {
     pub link_target: Option<String>,
 }
 
-/// One file to place in a runner; `content` is still base64 (validated by the caller) so that
-/// it crosses into the sandbox without being decoded and re-encoded on the way.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One file to place in a runner, its content decoded (the API decodes a client's base64
+/// once; a backend carries the bytes as they are).
+#[derive(Clone)]
 pub struct FileCopy {
     pub path: String,
-    #[serde(default)]
-    pub content_base64: String,
+    pub content: Vec<u8>,
+}
+
+impl std::fmt::Debug for FileCopy {
+    /// The path and the size: a copy may carry megabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCopy")
+            .field("path", &self.path)
+            .field("bytes", &self.content.len())
+            .finish()
+    }
 }
 
 /// What to run, as a client asked for it.

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use trident_core::execution::ExecMessage;
 use trident_core::model::{ExecutionRequest, FileCopy};
 use trident_core::Manager;
@@ -201,14 +202,21 @@ impl BuiltinAgent {
 
     async fn in_runner(&self, job: &Job, token: &str, size: &mut u64, runner: &str) -> Outcome {
         let spec = &job.spec;
-        let files: Vec<FileCopy> = spec
-            .files
-            .iter()
-            .map(|f| FileCopy {
-                path: f.path.clone(),
-                content_base64: f.content_base64.clone(),
-            })
-            .collect();
+        let mut files = Vec::with_capacity(spec.files.len());
+        for f in &spec.files {
+            match base64::engine::general_purpose::STANDARD.decode(&f.content_base64) {
+                Ok(content) => files.push(FileCopy {
+                    path: f.path.clone(),
+                    content,
+                }),
+                Err(e) => {
+                    return Outcome::SystemFailure(format!(
+                        "the content of the job's file {} is not valid base64: {e}",
+                        f.path
+                    ))
+                }
+            }
+        }
         if let Err(e) = self.manager.patch_files(runner, Vec::new(), files).await {
             return Outcome::SystemFailure(format!("placing the job's files: {e}"));
         }

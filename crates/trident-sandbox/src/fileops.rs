@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use trident_core::backend::BackendError;
-use trident_core::model::{FileCopy, FileHeader};
+use trident_core::model::FileHeader;
 
+use crate::protocol::CopyHeader;
 use crate::spec::WORKSPACE;
 
 /// Largest listing returned; a bigger tree must be listed in parts.
@@ -182,7 +182,11 @@ impl Names {
 /// it is replaced by one, as GNU tar replaces a symlink with a directory it extracts; a
 /// deletion through it deletes nothing. Root's own links (the image's, or a privileged
 /// execution's) are followed, inside the runner.
-pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
+pub fn patch(
+    delete: &[String],
+    copy: &[CopyHeader],
+    mut contents: impl Read,
+) -> Result<(), BackendError> {
     for path in delete {
         if path == "./*" {
             if let Ok(entries) = fs::read_dir(WORKSPACE) {
@@ -196,9 +200,17 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
     }
     let mut failures = Vec::new();
     let mut dirs = Directories::default();
+    let mut buffer = vec![0u8; COPY_BUFFER];
     for file in copy {
-        if let Err(e) = copy_one(file, &mut dirs) {
-            failures.push(format!("{}: Cannot open: {e}", file.path));
+        match copy_one(file, &mut dirs, &mut contents, &mut buffer) {
+            Ok(()) => {}
+            Err(CopyError::Target(e)) => failures.push(format!("{}: Cannot open: {e}", file.path)),
+            Err(CopyError::Source(e)) => {
+                return Err(BackendError::Failed(format!(
+                    "the contents of the copy broke off at {}: {e}",
+                    file.path
+                )))
+            }
         }
     }
     if failures.is_empty() {
@@ -209,6 +221,16 @@ pub fn patch(delete: &[String], copy: &[FileCopy]) -> Result<(), BackendError> {
             failures.join("; ")
         )))
     }
+}
+
+/// Bytes of a file's content read from the connection at a time.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Where a copied file failed: its target (that file is not written, the copy goes on) or
+/// the connection its content comes through (nothing after it can be read).
+enum CopyError {
+    Target(io::Error),
+    Source(io::Error),
 }
 
 /// The directories one PATCH has walked to, by the path that led there: the files of a copy
@@ -244,23 +266,55 @@ impl Directories {
     }
 }
 
-fn copy_one(file: &FileCopy, dirs: &mut Directories) -> io::Result<()> {
+/// Writes one file from the next `file.bytes` bytes of `contents`, all of which it reads
+/// whatever happens to the file, so that the next file's content starts where it should.
+fn copy_one(
+    file: &CopyHeader,
+    dirs: &mut Directories,
+    contents: &mut impl Read,
+    buffer: &mut [u8],
+) -> Result<(), CopyError> {
     let target = resolve(&file.path);
-    if file.path.ends_with('/') {
+    let opened = if file.path.ends_with('/') {
         // The directory itself is walked into like any other: a planted link in its place
         // is replaced, root's own is followed.
-        walk_path(&target, true, true)?
-            .ok_or_else(missing)
-            .map(drop)
+        walk_path(&target, true, true).and_then(|dir| dir.ok_or_else(missing).map(|_| None))
     } else {
-        let content = base64::engine::general_purpose::STANDARD
-            .decode(&file.content_base64)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let (dir, name) = dirs.holding(&target)?;
-        if name.is_empty() {
-            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        dirs.holding(&target).and_then(|(dir, name)| {
+            if name.is_empty() {
+                Err(io::Error::from_raw_os_error(libc::EISDIR))
+            } else {
+                open_for_write(dir, &name).map(Some)
+            }
+        })
+    };
+    let (mut out, mut failed) = match opened {
+        Ok(out) => (out, None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut left = file.bytes;
+    while left > 0 {
+        let want = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = match contents.read(&mut buffer[..want]) {
+            Ok(0) => return Err(CopyError::Source(io::ErrorKind::UnexpectedEof.into())),
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Source(e)),
+        };
+        left -= got as u64;
+        if let Some(file) = &mut out {
+            if let Err(e) = file.write_all(&buffer[..got]) {
+                // A full file system: the rest of this file's bytes are read and dropped.
+                failed = Some(e);
+                out = None;
+            }
         }
-        write_file_at(dir, &name, &content)
+    }
+    match failed {
+        Some(e) => Err(CopyError::Target(e)),
+        None => Ok(()),
     }
 }
 
@@ -455,12 +509,6 @@ fn open_for_write(dir: impl AsFd, name: &str) -> io::Result<fs::File> {
     file.set_permissions(fs::Permissions::from_mode(0o744))?;
     std::os::unix::fs::fchown(&file, Some(0), Some(0))?;
     Ok(file)
-}
-
-/// Writes a root-owned 0744 file `name` in `dir`; a symlink in its place is replaced, never
-/// followed.
-fn write_file_at(dir: BorrowedFd<'_>, name: &str, content: &[u8]) -> io::Result<()> {
-    open_for_write(dir, name)?.write_all(content)
 }
 
 /// Opens a regular file for download.

@@ -439,10 +439,12 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
                 Err(e) => Response::Error(e),
             })
         }
-        Request::PatchFiles { delete, copy } => reply(match fileops::patch(&delete, &copy) {
-            Ok(()) => Response::Done,
-            Err(e) => Response::Error(e),
-        }),
+        Request::PatchFiles { delete, copy } => {
+            reply(match fileops::patch(&delete, &copy, stream) {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error(e),
+            })
+        }
         Request::WriteFile { path } => {
             let Some(source) = fds.into_iter().next() else {
                 return reply(Response::Error(BackendError::Failed(

@@ -12,7 +12,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use serde::{Deserialize, Serialize};
 
 use trident_core::backend::BackendError;
-use trident_core::model::{FileCopy, FileHeader};
+use trident_core::model::FileHeader;
 
 /// Largest frame accepted: a recursive listing of a big tree, or a PATCH of many files.
 pub const MAX_FRAME: usize = 512 * 1024 * 1024;
@@ -26,9 +26,12 @@ pub enum Request {
         recursive: bool,
         privileged: bool,
     },
+    /// Deletes, then writes files. Their contents follow the frame on the connection, raw,
+    /// one after the other, `bytes` each: megabytes of file need no JSON string escaped,
+    /// parsed and base64-decoded on the way.
     PatchFiles {
         delete: Vec<String>,
-        copy: Vec<FileCopy>,
+        copy: Vec<CopyHeader>,
     },
     /// Writes a file (root-owned, 0744, as a copy is) from what comes through the fd sent
     /// with it, until its end; answered with `Written`.
@@ -41,6 +44,14 @@ pub enum Request {
         privileged: bool,
     },
     Ping,
+}
+
+/// One file of a `PatchFiles`: where it goes and how many of the bytes after the frame are
+/// its content (a path ending in `/` is a directory, with none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyHeader {
+    pub path: String,
+    pub bytes: u64,
 }
 
 /// What to run, and as whom.

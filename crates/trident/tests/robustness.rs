@@ -624,6 +624,63 @@ async fn one_copy_of_many_files_puts_each_where_its_path_says() {
     );
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A copy whose middle file cannot be written still writes the others with their own
+/// contents: the bytes of the failed file are consumed, not taken for the next file's, and a
+/// file larger than the runner's read buffer arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_file_in_a_copy_leaves_the_others_whole() {
+    let server = Server::start();
+    server.put_environment(403, 1, 256).await;
+    let runner = server.claim(403, 0).await;
+    let big: String = (0..300_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let copy = |files: &[(&str, &str)]| -> Value {
+        let copy: Vec<Value> = files
+            .iter()
+            .map(|(path, content)| json!({"path": path, "content": b64(content)}))
+            .collect();
+        json!({ "copy": copy })
+    };
+    let path = format!("/runners/{runner}/files");
+    let r = server
+        .send(
+            Method::PATCH,
+            &path,
+            copy(&[
+                ("plain", "P"),
+                ("plain/inner", "NOT FOR after"),
+                ("after", "AFTER"),
+                ("big", &big),
+                ("last", "LAST"),
+            ]),
+        )
+        .await;
+    let (status, message) = error_of(r, &path).await;
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("plain/inner"), "{message}");
+    let run = server
+        .execute(
+            &runner,
+            exec("cat plain after last; echo; wc -c < big; sha256sum < big"),
+        )
+        .await;
+    let expected = sha256_hex(big.as_bytes());
+    assert_eq!(
+        run.stdout(),
+        format!("PAFTERLAST\r\n300000\r\n{expected}  -\r\n"),
+        "{run:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_files_api_never_reaches_the_host() {
     let server = Server::start();

@@ -21,7 +21,9 @@ use super::{failed, NativeBackend};
 use crate::cgroup::Cgroups;
 use crate::fdio::FdStream;
 use crate::network::{self, RunnerNetwork};
-use crate::protocol::{encode_frame, recv_frame, send_frame, Request, Response, MAX_FRAME};
+use crate::protocol::{
+    encode_frame, recv_frame, send_frame, CopyHeader, Request, Response, MAX_FRAME,
+};
 
 pub struct NativeSandbox {
     /// Its network, if it has one.
@@ -78,12 +80,24 @@ impl NativeSandbox {
     /// connection and a small frame never block; a hop to a blocking thread and back would
     /// cost more than the work).
     pub(super) async fn call(&self, request: Request) -> BackendResult<(Response, Vec<OwnedFd>)> {
+        self.call_with(request, &[]).await
+    }
+
+    /// [`call`](Self::call), with bytes that follow the request's frame (a copy's contents).
+    async fn call_with(
+        &self,
+        request: Request,
+        trailing: &[&[u8]],
+    ) -> BackendResult<(Response, Vec<OwnedFd>)> {
         if self.destroyed.load(Ordering::Acquire) {
             return Err(BackendError::Failed("the runner is gone".into()));
         }
         let answer = async {
             let mut stream = tokio::net::UnixStream::connect(&self.socket).await?;
             stream.write_all(&encode_frame(&request)?).await?;
+            for bytes in trailing {
+                stream.write_all(bytes).await?;
+            }
             recv_frame_async(&mut stream)
                 .await?
                 .ok_or_else(|| std::io::Error::other("runner-init closed the connection"))
@@ -233,7 +247,19 @@ impl Sandbox for NativeSandbox {
     }
 
     async fn patch_files(&self, delete: Vec<String>, copy: Vec<FileCopy>) -> BackendResult<()> {
-        match self.call(Request::PatchFiles { delete, copy }).await?.0 {
+        let headers = copy
+            .iter()
+            .map(|file| CopyHeader {
+                path: file.path.clone(),
+                bytes: file.content.len() as u64,
+            })
+            .collect();
+        let contents: Vec<&[u8]> = copy.iter().map(|file| file.content.as_slice()).collect();
+        let request = Request::PatchFiles {
+            delete,
+            copy: headers,
+        };
+        match self.call_with(request, &contents).await?.0 {
             Response::Done => Ok(()),
             other => Err(unexpected(other)),
         }
