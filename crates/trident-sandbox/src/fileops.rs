@@ -238,6 +238,9 @@ enum CopyError {
 /// file saved). A directory swapped for a link in the meantime (by an execution running
 /// beside the copy) changes nothing: the walk's result was a real directory of the runner,
 /// and the files go there.
+/// Directories a copy keeps open at most (each is an fd of the handler).
+const MAX_WALKED: usize = 256;
+
 #[derive(Default)]
 struct Directories {
     walked: HashMap<PathBuf, OwnedFd>,
@@ -260,6 +263,10 @@ impl Directories {
         if !self.walked.contains_key(parent) {
             let (dir, walked) = walk_path(target, true, false)?.ok_or_else(missing)?;
             debug_assert_eq!(walked, name, "walk_path splits paths as Path::components");
+            if self.walked.len() >= MAX_WALKED {
+                // A copy over thousands of directories must not run out of fds.
+                self.walked.clear();
+            }
             self.walked.insert(parent.to_path_buf(), dir);
         }
         Ok((self.walked[parent].as_fd(), name))

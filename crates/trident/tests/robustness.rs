@@ -622,6 +622,23 @@ async fn one_copy_of_many_files_puts_each_where_its_path_says() {
          userlink-is-a-dir\r\n2\r\n",
         "{run:?}"
     );
+
+    // More directories than a copy keeps open: each file still lands in its own.
+    let spread: Vec<(String, String)> = (0..2000)
+        .map(|i| (format!("spread/d{i}/f"), format!("{i} ")))
+        .collect();
+    let files: Vec<(&str, &str)> = spread
+        .iter()
+        .map(|(path, content)| (path.as_str(), content.as_str()))
+        .collect();
+    server.copy(&runner, &files).await;
+    let run = server
+        .execute(
+            &runner,
+            exec("ls spread | wc -l; cat spread/d0/f spread/d1/f spread/d1999/f; echo; cat spread/d*/f | wc -w"),
+        )
+        .await;
+    assert_eq!(run.stdout(), "2000\r\n0 1 1999 \r\n2000\r\n", "{run:?}");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
