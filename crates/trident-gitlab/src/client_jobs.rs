@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use trident_jobs::jobs::{
@@ -129,6 +130,15 @@ struct ArtifactsBody {
 
 impl JobBody {
     fn into_spec(self) -> Result<JobSpec, JobsApiError> {
+        // Refused here, with the file named, rather than failing the job when it runs.
+        for file in &self.files {
+            if let Err(e) = base64::engine::general_purpose::STANDARD.decode(&file.content) {
+                return Err(JobsApiError::bad(format!(
+                    "the content of the file {:?} is not valid base64: {e}",
+                    file.path
+                )));
+            }
+        }
         let artifacts = match self.artifacts {
             None => None,
             Some(a) => Some(ArtifactsSpec {

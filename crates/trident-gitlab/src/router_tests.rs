@@ -180,6 +180,7 @@ async fn jobs_and_state_updates_are_checked() {
         json!({"name": "x", "script": []}),
         json!({"script": ["true"]}),
         json!({"name": "x", "script": ["true"], "dependencies": [999]}),
+        json!({"name": "x", "script": ["true"], "files": [{"path": "a", "content": "not base64!"}]}),
         json!([]),
     ] {
         let answer = gitlab.post("/api/v1/jobs", bad.clone()).await;
