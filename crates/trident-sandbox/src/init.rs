@@ -6,11 +6,13 @@
 //! trident runner-init <dir> (pid 1)  joins the cgroup, unshares namespaces, builds the root
 //! │                                  fs, pivots, enters the runner's user namespace, serves
 //! │                                  the control socket
-//! └── handler (pid 1)                one per connection, pid 1 of a pid namespace of its own:
-//!     │                              a file operation, or an execution, whose processes it
-//!     │                              reaps and, when the command ends, kills before it
-//!     │                              reports the end
-//!     └── /bin/bash -c <command>
+//! ├── handler (pid 1)                one per connection, pid 1 of a pid namespace of its own:
+//! │   │                              a file operation, or an execution, whose processes it
+//! │   │                              reaps and, when the command ends, kills before it
+//! │   │                              reports the end
+//! │   └── /bin/bash -c <command>
+//! └── spare handler (pid 1)          once the runner was used: the next connection's handler,
+//!                                    cloned ahead and waiting in `accept` (see `serve`)
 //! ```
 //!
 //! The server clones runner-init straight into the runner's new pid namespace
@@ -253,39 +255,175 @@ fn runner_init(spec: &InitSpec, mut ready: File, userns: OwnedFd) -> ! {
     release_stack_below_here();
     // SAFETY: malloc_trim only returns free memory of glibc's heap.
     unsafe { libc::malloc_trim(0) };
+    serve(spec, &filters, listener)
+}
+
+/// Serves the control socket for the rest of the runner's life. Each connection gets a
+/// handler of its own (`fork_into_pid_namespace`). Once the runner has been used, the next
+/// connection's handler is cloned ahead, a *spare* that waits in `accept` itself, so that
+/// an execution or file operation does not wait for a fork (about a quarter of a
+/// millisecond). The spare is cloned when the handler before it has ended, not while it
+/// works, so that the clone does not compete with an execution for the CPUs. An idle runner
+/// that was never used stays one process; a used one keeps its spare (one process more,
+/// counted in its pids limit).
+fn serve(spec: &InitSpec, filters: &Filters, listener: UnixListener) -> ! {
+    let mut state = Serving::Unused;
     loop {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("runner-init: accept: {e}");
-                continue;
+        state = match state {
+            Serving::Unused => match accept_and_fork(spec, filters, &listener, true) {
+                Some(Some(ended)) => Serving::Busy(ended),
+                _ => Serving::Unused,
+            },
+            Serving::Waiting(pipe) => match wait_for_spare(&pipe) {
+                SpareNews::Accepted => Serving::Busy(pipe),
+                SpareNews::Nothing => Serving::Waiting(pipe),
+                // It died before it took a connection (the OOM killer, most likely): the
+                // next connection is served the plain way, and its end brings a new spare.
+                SpareNews::Gone => Serving::Unused,
+            },
+            Serving::Busy(pipe) => {
+                let mut polls = [
+                    PollFd::new(pipe.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                ];
+                let _ = poll(&mut polls, PollTimeout::NONE);
+                if polls[1].any().unwrap_or(false) {
+                    // A second connection while the spare's is still served (a file
+                    // listing beside a long execution): a handler of its own, at once.
+                    let _ = accept_and_fork(spec, filters, &listener, false);
+                }
+                if polls[0].any().unwrap_or(false) {
+                    clone_spare(spec, filters, &listener)
+                } else {
+                    Serving::Busy(pipe)
+                }
             }
         };
-        // SAFETY: single-threaded; the child handles one connection and exits.
-        match unsafe { fork_into_pid_namespace() } {
-            Ok(ForkResult::Child) => {
-                drop(listener);
-                let code = match handle(spec, &filters, &stream) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("runner-init: handler: {e}");
-                        1
-                    }
-                };
-                std::process::exit(code);
+    }
+}
+
+/// Where runner-init's control socket stands.
+enum Serving {
+    /// Never used, or the last spare could not be made: runner-init accepts itself.
+    Unused,
+    /// A spare waits in `accept`; the pipe's read end says when it took a connection.
+    Waiting(OwnedFd),
+    /// The spare (or the first handler) serves a connection; the pipe reads as closed once
+    /// that handler has ended, and the next spare is due.
+    Busy(OwnedFd),
+}
+
+/// What a spare's pipe said.
+enum SpareNews {
+    Accepted,
+    Nothing,
+    Gone,
+}
+
+fn wait_for_spare(pipe: &OwnedFd) -> SpareNews {
+    let mut polls = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut polls, PollTimeout::NONE).is_err() {
+        return SpareNews::Nothing;
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(pipe.as_raw_fd(), &mut byte) {
+        Ok(1) => SpareNews::Accepted,
+        Err(nix::errno::Errno::EINTR) => SpareNews::Nothing,
+        _ => SpareNews::Gone,
+    }
+}
+
+/// Accepts a connection and forks its handler. With `tell_end`, returns the read end of a
+/// pipe that reads as closed once that handler has ended (`Some(None)` when making the pipe
+/// failed); `None` when nothing was accepted or the fork failed.
+fn accept_and_fork(
+    spec: &InitSpec,
+    filters: &Filters,
+    listener: &UnixListener,
+    tell_end: bool,
+) -> Option<Option<OwnedFd>> {
+    let stream = match listener.accept() {
+        Ok((stream, _)) => stream,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::Interrupted {
+                eprintln!("runner-init: accept: {e}");
             }
-            Ok(ForkResult::Parent { .. }) => drop(stream),
-            Err(e) => {
-                // Most likely the pids limit: answer so the server does not wait forever.
-                let _ = send_frame(
-                    &stream,
-                    &Response::Error(BackendError::Failed(format!("fork: {e}"))),
-                    &[],
-                );
-            }
+            return None;
+        }
+    };
+    let pipe = if tell_end {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()
+    } else {
+        None
+    };
+    // SAFETY: single-threaded; the child handles one connection and exits.
+    match unsafe { fork_into_pid_namespace() } {
+        Ok(ForkResult::Child) => {
+            // The write end, if any, stays open until this handler exits.
+            let _keep = pipe.map(|(_, write)| write);
+            close_listener(listener);
+            serve_connection(spec, filters, &stream)
+        }
+        Ok(ForkResult::Parent { .. }) => Some(pipe.map(|(read, _)| read)),
+        Err(e) => {
+            // Most likely the pids limit: answer so the server does not wait forever.
+            let _ = send_frame(
+                &stream,
+                &Response::Error(BackendError::Failed(format!("fork: {e}"))),
+                &[],
+            );
+            None
         }
     }
+}
+
+/// Clones the handler of the next connection ahead of it. It writes one byte to its pipe
+/// when it has accepted, and the pipe closes when it ends. `Unused` when the clone failed
+/// (the pids limit, most likely): runner-init then accepts the next connection itself.
+fn clone_spare(spec: &InitSpec, filters: &Filters, listener: &UnixListener) -> Serving {
+    let Ok((read, write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        return Serving::Unused;
+    };
+    // SAFETY: single-threaded; the child handles one connection and exits.
+    match unsafe { fork_into_pid_namespace() } {
+        Ok(ForkResult::Child) => {
+            drop(read);
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("runner-init: accept: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            };
+            close_listener(listener);
+            let _ = nix::unistd::write(&write, b"a");
+            serve_connection(spec, filters, &stream)
+        }
+        Ok(ForkResult::Parent { .. }) => Serving::Waiting(read),
+        Err(_) => Serving::Unused,
+    }
+}
+
+/// In a handler: lets go of runner-init's listening socket, which no handler needs.
+fn close_listener(listener: &UnixListener) {
+    // SAFETY: the listener's fd is closed once, in a handler that never uses the listener
+    // again and leaves by exit, which runs no destructor of runner-init's frames.
+    unsafe { libc::close(listener.as_raw_fd()) };
+}
+
+/// A handler's life: one connection, then exit.
+fn serve_connection(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> ! {
+    let code = match handle(spec, filters, stream) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("runner-init: handler: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
 }
 
 /// Gives back the stack pages that setting up used below the serve loop's frame: deep

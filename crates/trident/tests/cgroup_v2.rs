@@ -283,15 +283,21 @@ async fn an_oom_kill_is_counted_in_memory_events_and_reported_as_137() {
         read(&dir, "memory.events")
     );
 
-    // The runner lives on, with the same runner-init processes (the killed execution's
-    // helper leaves the cgroup a moment after the exit is reported).
-    let (d, i) = (dir.clone(), inits.clone());
+    // The runner lives on, with the same runner-init and nothing of the execution (its
+    // handler leaves the cgroup a moment after the exit is reported; the spare handler
+    // cloned for the next connection is the runner's own).
+    let (d, i, s) = (dir.clone(), inits.clone(), &server);
     eventually(
         Duration::from_secs(10),
         "only the runner's own processes are left",
         || {
             let (d, i) = (d.clone(), i.clone());
-            async move { procs(&d) == i }
+            async move {
+                let own = s.runner_processes();
+                let now = procs(&d);
+                i.iter().all(|pid| now.contains(pid))
+                    && now.iter().all(|pid| own.contains(&(*pid as u32)))
+            }
         },
     )
     .await;

@@ -1398,10 +1398,101 @@ async fn executions_end_cleanly_and_deliver_everything() {
     assert_eq!(run.stdout(), "alive");
 }
 
+/// Once used, a runner clones the handler of its next connection ahead of it (a spare,
+/// waiting in `accept`). Exactly one spare at a time: none leaks, however many connections
+/// came, and a connection that arrives while the spare's connection is still served (a
+/// listing beside a long execution) gets a handler at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_runner_keeps_one_spare_handler_and_serves_beside_a_long_execution() {
+    let server = Server::start();
+    server.put_environment(902, 1, 256).await;
+    let runner = server.claim(902, 0).await;
+    assert_eq!(runner_cgroup_processes(&server, &runner), 1, "never used");
+    let (s, r) = (&server, runner.as_str());
+    // runner-init and its spare, nothing else; the spare is pid 1 of a pid namespace of its
+    // own below the runner's (as every handler).
+    let settled = || async move {
+        let pids = runner_cgroup_pids(s, r);
+        let init_depth = common::pid_namespace_depth("self") + 1;
+        let depths: Vec<usize> = pids
+            .iter()
+            .map(|pid| common::pid_namespace_depth(&pid.to_string()))
+            .collect();
+        let own = s.runner_processes();
+        pids.len() == 2
+            && pids.iter().all(|pid| own.contains(pid))
+            && depths.contains(&init_depth)
+            && depths.contains(&(init_depth + 1))
+    };
+
+    let run = server.execute(&runner, exec("echo -n first")).await;
+    assert_eq!(run.stdout(), "first", "{run:?}");
+    eventually(
+        Duration::from_secs(10),
+        "runner-init and one spare",
+        settled,
+    )
+    .await;
+
+    // The spare takes a long execution; a listing and another execution beside it are
+    // served by handlers of their own meanwhile.
+    let url = server
+        .websocket_url(&runner, exec("echo started; sleep 9150"))
+        .await;
+    let mut ws = server.connect(&url).await;
+    wait_for_stdout(&mut ws, "started").await;
+    let beside = async {
+        server
+            .copy(&runner, &[("beside.txt", "written beside")])
+            .await;
+        assert_eq!(names(&server.list(&runner, "").await), ["./beside.txt"]);
+        server.execute(&runner, exec("cat beside.txt")).await
+    };
+    let run = tokio::time::timeout(Duration::from_secs(20), beside)
+        .await
+        .expect("a connection beside the long execution was not served");
+    assert_eq!(run.stdout(), "written beside", "{run:?}");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    eventually(
+        Duration::from_secs(20),
+        "the long execution died",
+        || async move { runner_processes(s, r, "sleep 915[0]").await == 0 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "runner-init and one spare again",
+        settled,
+    )
+    .await;
+
+    // Many connections one after the other still leave one spare.
+    for i in 0..20 {
+        let run = server.execute(&runner, exec(&format!("echo -n {i}"))).await;
+        assert_eq!(run.stdout(), i.to_string(), "{run:?}");
+    }
+    eventually(Duration::from_secs(10), "still one spare", settled).await;
+}
+
 // ---- 9. fork bombs ----------------------------------------------------------------------------
 
-/// Processes in a runner's cgroup (its runner-init alone when it is idle).
+/// Processes in a runner's cgroup (its runner-init alone when it was never used).
 fn runner_cgroup_processes(server: &Server, runner: &str) -> usize {
+    runner_cgroup_pids(server, runner).len()
+}
+
+/// Processes in a runner's cgroup that are neither its runner-init nor a handler of it (a
+/// used runner keeps a spare handler): what is left of executions.
+fn execution_processes(server: &Server, runner: &str) -> usize {
+    let own = server.runner_processes();
+    runner_cgroup_pids(server, runner)
+        .into_iter()
+        .filter(|pid| !own.contains(pid))
+        .count()
+}
+
+fn runner_cgroup_pids(server: &Server, runner: &str) -> Vec<u32> {
     let name = format!("{}/{runner}", server.cgroup_parent());
     let root = std::path::Path::new("/sys/fs/cgroup");
     let dir = if root.join("cgroup.controllers").exists() {
@@ -1412,7 +1503,8 @@ fn runner_cgroup_processes(server: &Server, runner: &str) -> usize {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap()
         .lines()
-        .count()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
 }
 
 /// A runner's memory is charged to the runner: runner-init joins its cgroup before its exec,
@@ -1477,7 +1569,7 @@ async fn a_fork_bomb_ends_and_harms_nobody_else() {
     eventually(
         Duration::from_secs(20),
         "the bomb's processes died",
-        || async move { runner_cgroup_processes(s, b) == 1 },
+        || async move { execution_processes(s, b) == 0 },
     )
     .await;
 
@@ -1519,7 +1611,7 @@ async fn a_fork_bomb_ends_and_harms_nobody_else() {
     eventually(
         Duration::from_secs(20),
         "the bomb's processes died",
-        || async move { runner_cgroup_processes(s, b) == 1 },
+        || async move { execution_processes(s, b) == 0 },
     )
     .await;
 

@@ -203,13 +203,26 @@ impl Server {
         self.keep_runners_on_exit = keep;
     }
 
-    /// runner-init processes (one per runner) of this server's data dir.
+    /// Processes of this server's runners outside their executions: runner-inits and their
+    /// handlers (0 means no runner of this data dir lives).
     pub fn runner_init_processes(&self) -> usize {
-        self.runner_init_pids().len()
+        self.runner_processes().len()
     }
 
-    /// The host pids of this server's runner-init processes.
+    /// The host pids of this server's runner-init processes (each pid 1 of its runner's pid
+    /// namespace, one pid namespace below the test's), without their handlers (each pid 1 of
+    /// a pid namespace below that: a used runner keeps a spare one).
     pub fn runner_init_pids(&self) -> Vec<u32> {
+        let depth = pid_namespace_depth("self") + 1;
+        self.runner_processes()
+            .into_iter()
+            .filter(|pid| pid_namespace_depth(&pid.to_string()) == depth)
+            .collect()
+    }
+
+    /// The host pids of this server's runner-inits and their handlers: the processes whose
+    /// command line is runner-init's.
+    pub fn runner_processes(&self) -> Vec<u32> {
         let marker = format!(
             "runner-init\u{0}{}",
             self.data_dir.canonicalize().unwrap().display()
@@ -440,7 +453,7 @@ impl Server {
             let found = (
                 self.runner_cgroups().len(),
                 self.runner_dirs(),
-                self.runner_init_processes(),
+                self.runner_init_pids().len(),
             );
             if found == (runners, runners, runners) {
                 break;
@@ -464,6 +477,18 @@ impl Server {
             assert_eq!(nspid, [pid.to_string().as_str(), "1"], "{status}");
         }
     }
+}
+
+/// How many pid namespaces `pid` (a /proc name) is in: the entries of its `NSpid` (0 once
+/// it is gone).
+pub fn pid_namespace_depth(pid: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            Some(line.split_whitespace().count())
+        })
+        .unwrap_or(0)
 }
 
 /// Host processes whose command line contains `marker` (arguments are separated by NUL).
