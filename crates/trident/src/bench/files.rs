@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::{Client, Environment, Report, Row};
+use super::{Client, Environment, JsonBody, Report, Row};
 
 const COPY_BYTES: usize = 8 * 1024 * 1024;
 const DOWNLOAD_BYTES: usize = 64 * 1024 * 1024;
@@ -75,7 +75,7 @@ async fn measure(client: &Client, runner: &str, n: usize) -> anyhow::Result<Meas
     let files: Vec<Value> = (0..10)
         .map(|i| json!({"path": format!("bench/file{i}.txt"), "content": b64(format!("content {i}\n").as_bytes())}))
         .collect();
-    let body = json!({"delete": ["bench"], "copy": files});
+    let body = JsonBody::new(&json!({"delete": ["bench"], "copy": files}))?;
     let mut patch10 = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -84,7 +84,7 @@ async fn measure(client: &Client, runner: &str, n: usize) -> anyhow::Result<Meas
     }
 
     let content: Vec<u8> = (0..COPY_BYTES).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let body = json!({"copy": [{"path": "big8.bin", "content": b64(&content)}]});
+    let body = JsonBody::new(&json!({"copy": [{"path": "big8.bin", "content": b64(&content)}]}))?;
     let rounds = n.clamp(1, 20);
     let mut copy = Vec::with_capacity(rounds);
     for _ in 0..rounds {

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{own_cpu_time, Client, Environment, Report, Row};
+use super::{own_cpu_time, Client, Environment, JsonBody, Report, Row};
 
 const STEPS: [&str; 5] = [
     "claim (POST /runners)",
@@ -86,13 +86,13 @@ async fn drive(
     let main = "import helper\nimport os\n\
                 total = sum(helper.f7(i) for i in range(1000))\n\
                 print('total', total, len(os.listdir('.')))\n";
-    let body = json!({"copy": [
+    let body = JsonBody::new(&json!({"copy": [
         {"path": "main.py", "content": b64(main)},
         {"path": "helper.py", "content": b64(&helper)},
         {"path": "README.md", "content": b64(&"# exercise\n\nWrite a function.\n".repeat(100))},
         {"path": "data/input.txt", "content": b64(&"1 2 3 4 5 6 7 8 9\n".repeat(200))},
         {"path": "test_main.py", "content": b64(&"def test_total():\n    assert True\n".repeat(60))},
-    ]});
+    ]}))?;
     let cpu = own_cpu_time();
     let start = Instant::now();
     let end = start + duration;
@@ -131,7 +131,7 @@ async fn drive(
     Ok((all, flows, errors, wall, cpu))
 }
 
-async fn flow(client: &Client, env: u64, body: &Value, steps: &mut Steps) -> anyhow::Result<()> {
+async fn flow(client: &Client, env: u64, body: &JsonBody, steps: &mut Steps) -> anyhow::Result<()> {
     let t = Instant::now();
     let runner = client.claim(env).await?;
     steps[0].push(t.elapsed());

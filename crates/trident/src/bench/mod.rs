@@ -202,14 +202,24 @@ impl Client {
         .map(drop)
     }
 
-    pub async fn patch_files(&self, runner: &str, body: &Value) -> anyhow::Result<()> {
-        self.call(
-            reqwest::Method::PATCH,
-            &format!("/runners/{runner}/files"),
-            body.clone(),
-        )
-        .await
-        .map(drop)
+    /// A PATCH of files with a body serialized once beforehand (`json_body`): the client's
+    /// own JSON encoding of a large copy is not the server's cost, and would otherwise be
+    /// timed with it at every round.
+    pub async fn patch_files(&self, runner: &str, body: &JsonBody) -> anyhow::Result<()> {
+        let path = format!("/runners/{runner}/files");
+        let response = self
+            .request(reqwest::Method::PATCH, &path)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.0.clone())
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await?;
+            bail!("{path}: {status} {text}");
+        }
+        response.bytes().await?;
+        Ok(())
     }
 
     pub async fn list_files(&self, runner: &str) -> anyhow::Result<Value> {
@@ -474,6 +484,15 @@ pub(crate) fn cores() -> usize {
 }
 
 /// One local `bash -c <command>`, timed (a blocking call: run it on a blocking thread).
+/// A request body serialized once, sent many times (cloning it shares the bytes).
+pub struct JsonBody(bytes::Bytes);
+
+impl JsonBody {
+    pub fn new(value: &Value) -> anyhow::Result<Self> {
+        Ok(Self(serde_json::to_vec(value)?.into()))
+    }
+}
+
 pub(crate) fn local_bash(command: &str) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let status = std::process::Command::new("bash")
