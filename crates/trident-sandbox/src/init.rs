@@ -578,7 +578,10 @@ fn handle(spec: &InitSpec, filters: &Filters, stream: &UnixStream) -> io::Result
             })
         }
         Request::PatchFiles { delete, copy } => {
-            reply(match fileops::patch(&delete, &copy, stream) {
+            // Buffered: many small files arrive in one read. Nothing follows the contents
+            // until this handler answers, so the buffer never holds what is not theirs.
+            let contents = io::BufReader::with_capacity(64 * 1024, stream);
+            reply(match fileops::patch(&delete, &copy, contents) {
                 Ok(()) => Response::Done,
                 Err(e) => Response::Error(e),
             })

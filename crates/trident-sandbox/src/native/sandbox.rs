@@ -43,6 +43,10 @@ pub struct NativeSandbox {
     leases: Mutex<Option<Leases>>,
 }
 
+/// Up to this many bytes of a request (its frame and what follows it) are gathered into one
+/// write; larger contents go out as they are.
+const COALESCED_BYTES: usize = 64 * 1024;
+
 impl NativeSandbox {
     pub(super) fn new(
         backend: &NativeBackend,
@@ -93,11 +97,16 @@ impl NativeSandbox {
             return Err(BackendError::Failed("the runner is gone".into()));
         }
         let answer = async {
-            let mut stream = tokio::net::UnixStream::connect(&self.socket).await?;
-            stream.write_all(&encode_frame(&request)?).await?;
+            let stream = tokio::net::UnixStream::connect(&self.socket).await?;
+            // The frame and a copy's small contents leave in one write: the handler then
+            // finds them all at once, instead of waking up for every file.
+            let mut out = tokio::io::BufWriter::with_capacity(COALESCED_BYTES, stream);
+            out.write_all(&encode_frame(&request)?).await?;
             for bytes in trailing {
-                stream.write_all(bytes).await?;
+                out.write_all(bytes).await?;
             }
+            out.flush().await?;
+            let mut stream = out.into_inner();
             recv_frame_async(&mut stream)
                 .await?
                 .ok_or_else(|| std::io::Error::other("runner-init closed the connection"))
