@@ -483,7 +483,6 @@ pub(crate) fn cores() -> usize {
         .unwrap_or(1)
 }
 
-/// One local `bash -c <command>`, timed (a blocking call: run it on a blocking thread).
 /// A request body serialized once, sent many times (cloning it shares the bytes).
 pub struct JsonBody(bytes::Bytes);
 
@@ -493,10 +492,32 @@ impl JsonBody {
     }
 }
 
+/// What a runner's execution finds in its environment by default (the sandbox's defaults
+/// for `user` and the `host` image, plus CODEOCEAN=true, as the core adds it; HOME is a
+/// directory of this host instead of the runner's workspace).
+const EXECUTION_ENVIRONMENT: [(&str, &str); 7] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/tmp"),
+    ("USER", "user"),
+    ("LOGNAME", "user"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "xterm"),
+    ("CODEOCEAN", "true"),
+];
+
+/// One local `bash -c <command>`, timed (a blocking call: run it on a blocking thread).
 pub(crate) fn local_bash(command: &str) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let status = std::process::Command::new("bash")
         .args(["-c", command])
+        // The environment an execution gets from trident (a locale among it, which bash
+        // loads at start), so that the baseline is the same shell with the same work, not
+        // whatever the bench's own environment happens to be.
+        .env_clear()
+        .envs(EXECUTION_ENVIRONMENT.iter().copied())
         .stdin(std::process::Stdio::null())
         .status()
         .context("running bash")?;
