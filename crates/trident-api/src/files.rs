@@ -55,7 +55,31 @@ pub struct PatchBody {
 pub struct CopyEntry {
     path: String,
     #[serde(default)]
-    content: Option<String>,
+    content: Option<Base64Content>,
+}
+
+/// A file's content, decoded from base64 while the body is parsed: straight from the
+/// request's bytes when the JSON string has no escapes (base64 never needs one), so a large
+/// copy is never held as a `String` too. A decoding error is kept for the handler, which
+/// names the file (its path may come after its content).
+struct Base64Content(Result<Vec<u8>, base64::DecodeError>);
+
+impl<'de> Deserialize<'de> for Base64Content {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Decoding;
+        impl serde::de::Visitor<'_> for Decoding {
+            type Value = Base64Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a base64 string")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Base64Content, E> {
+                Ok(Base64Content(
+                    base64::engine::general_purpose::STANDARD.decode(text),
+                ))
+            }
+        }
+        deserializer.deserialize_str(Decoding)
+    }
 }
 
 pub async fn patch(
@@ -74,14 +98,16 @@ pub async fn patch(
         if entry.path.is_empty() {
             return Err(ApiError::bad_request("a file to copy has an empty path"));
         }
-        let content = base64::engine::general_purpose::STANDARD
-            .decode(entry.content.unwrap_or_default())
-            .map_err(|e| {
-                ApiError::bad_request(format!(
-                    "the content of {} is not valid base64: {e}",
-                    entry.path
-                ))
-            })?;
+        let content = match entry.content {
+            Some(Base64Content(decoded)) => decoded,
+            None => Ok(Vec::new()),
+        };
+        let content = content.map_err(|e| {
+            ApiError::bad_request(format!(
+                "the content of {} is not valid base64: {e}",
+                entry.path
+            ))
+        })?;
         copy.push(FileCopy {
             path: entry.path,
             content,

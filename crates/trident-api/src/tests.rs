@@ -235,15 +235,23 @@ async fn bad_input_is_refused_with_a_message_and_changes_nothing() {
     ] {
         cases.push((Method::POST, execute, body.to_string(), 400, needle));
     }
-    for body in [
-        // Invalid base64 in the second file: nothing at all reaches the runner.
-        json!({"delete": ["keep.txt"], "copy": [
-            {"path": "first.txt", "content": b64("fine")},
-            {"path": "second.txt", "content": "***not base64***"}]}),
-        json!({"copy": "nope"}),
-        json!({"delete": [1, 2]}),
+    for (body, needle) in [
+        // Invalid base64 in the second file: nothing at all reaches the runner, and the
+        // answer names the file (its path comes after its content here).
+        (
+            json!({"delete": ["keep.txt"], "copy": [
+                {"path": "first.txt", "content": b64("fine")},
+                {"content": "***not base64***", "path": "second.txt"}]}),
+            "second.txt",
+        ),
+        (
+            json!({"copy": [{"path": "x", "content": ["not", "a", "string"]}]}),
+            "base64",
+        ),
+        (json!({"copy": "nope"}), ""),
+        (json!({"delete": [1, 2]}), ""),
     ] {
-        cases.push((Method::PATCH, files, body.to_string(), 400, ""));
+        cases.push((Method::PATCH, files, body.to_string(), 400, needle));
     }
     for (method, path, body, expected, needle) in cases {
         let context = format!("{method} {path} {}", &body[..body.len().min(120)]);

@@ -111,6 +111,12 @@ async fn bad_requests_are_refused_clearly_and_change_nothing() {
         (
             Method::PATCH,
             format!("/runners/{runner}/files"),
+            r#"{"delete":["keep.txt"],"copy":[{"path":"a.txt","content":12}]}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            format!("/runners/{runner}/files"),
             r#"{"copy":[{"path":"","content":""}]}"#,
             400,
         ),
@@ -223,6 +229,24 @@ async fn bad_requests_are_refused_clearly_and_change_nothing() {
     assert_eq!(
         server.execute(&runner, exec("cat keep.txt")).await.stdout(),
         "kept"
+    );
+
+    // Base64 that JSON spells with escapes (`\/` and `\u003d` for `/` and `=`) is the same
+    // base64: "??>" encodes as "Pz8+" and "???" as "Pz8/".
+    let r = server
+        .send_raw(
+            Method::PATCH,
+            &format!("/runners/{runner}/files"),
+            r#"{"copy":[{"path":"escaped.txt","content":"Pz8\/Pz8+YQ\u003d\u003d"}]}"#,
+        )
+        .await;
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    assert_eq!(
+        server
+            .execute(&runner, exec("cat escaped.txt"))
+            .await
+            .stdout(),
+        "?????>a"
     );
 }
 
