@@ -153,9 +153,14 @@ async fn out_of_memory_in_a_living_runner_is_an_ordinary_exit() {
     run.assert_well_formed();
     assert_eq!(run.last(), &json!({"type": "exit", "data": 137}), "{run:?}");
 
-    // The execution's own processes are the OOM killer's first choice...
+    // The execution's own processes are the OOM killer's first choice... The handler raises
+    // the command's score once its exec is through (init.rs, `raise_oom_score`), so this
+    // reads it in a process the command forks a moment later: on a busy machine the raise
+    // can come after the command's first instructions (a `cat` that bash execs at once read
+    // 0 here once in six runs with two CPU hogs beside the debug build), and what the
+    // command forks before then keeps the runner's default (docs/SECURITY.md).
     let run = server
-        .execute(&runner, exec("cat /proc/self/oom_score_adj"))
+        .execute(&runner, exec("sleep 0.2; cat /proc/self/oom_score_adj"))
         .await;
     assert_eq!(run.stdout().trim(), "1000", "{run:?}");
     // ... runner-init and its handlers are not.
